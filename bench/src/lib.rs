@@ -1,0 +1,3 @@
+//! quicklane's load generators and benchmark harness.
+
+pub mod load;

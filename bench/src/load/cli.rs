@@ -1,0 +1,373 @@
+//! `quicklane loadgen ...`: arguments, and the JSON lines written to stdout.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use super::client::{self, ClientOptions};
+use super::report::{Event, Report};
+use super::server::{Server, ServerOptions, Service};
+use super::{parse_msg_size, Error, Mode, SizeRange};
+
+/// quicklane's TCP load generator; prints JSON lines on stdout.
+#[derive(Debug, Parser)]
+#[command(name = "loadgen")]
+pub struct LoadgenArgs {
+    #[command(subcommand)]
+    pub command: LoadgenCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LoadgenCommand {
+    /// Accept connections and sink, echo or drop them.
+    Server(ServerArgs),
+    /// Drive a stream, rr or connect workload against a server.
+    Client(ClientArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address to listen on, e.g. `0.0.0.0:5001` or `[::]:5001`; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: SocketAddr,
+
+    #[arg(long, value_enum, default_value_t = Mode::Stream)]
+    pub mode: Mode,
+
+    /// Request and response size in rr mode; must equal the client's --msg-size.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        value_parser = parse_msg_size,
+        required_if_eq("mode", "rr")
+    )]
+    pub msg_size: Option<usize>,
+
+    /// Stop accepting after this many seconds.
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
+    pub duration: Duration,
+
+    /// Exit once this many connections have been served.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_conns: Option<u64>,
+
+    /// Leave Nagle's algorithm on for accepted connections.
+    #[arg(long)]
+    pub no_nodelay: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Server address, e.g. `10.77.1.2:5001` or `[::1]:5001`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub connect: SocketAddr,
+
+    #[arg(long, value_enum)]
+    pub mode: Mode,
+
+    /// Message size (stream) or request and response size (rr).
+    #[arg(long, value_name = "BYTES", value_parser = parse_msg_size)]
+    pub msg_size: Option<usize>,
+
+    /// Stream mode: draw each message's size uniformly from MIN..=MAX.
+    #[arg(long, value_name = "MIN:MAX", conflicts_with = "msg_size")]
+    pub random_sizes: Option<SizeRange>,
+
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_secs)]
+    pub duration: Duration,
+
+    /// Parallel connections (stream, rr) or connect loops (connect).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..=4096)
+    )]
+    pub conns: u32,
+
+    /// Seed for message sizes and payloads; the same seed sends the same bytes.
+    #[arg(long, value_name = "S", default_value_t = 1)]
+    pub seed: u64,
+
+    /// Connect mode: stop after this many attempts in total even if time remains.
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    pub max_connects: u64,
+
+    /// Leave Nagle's algorithm on, as qperf does.
+    #[arg(long)]
+    pub no_nodelay: bool,
+
+    /// Keep retrying the first connect this long while the server comes up.
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
+    pub connect_retry: Duration,
+}
+
+/// Runs the load generator, printing its JSON lines to stdout.
+///
+/// Fails after printing the report if a stream checksum or an rr response did not match, so
+/// the process exits non-zero while the numbers stay available.
+pub fn run(args: LoadgenArgs) -> Result<(), Error> {
+    run_with_output(args, &mut io::stdout())
+}
+
+/// [`run`], writing the JSON lines to `out` (flushed after each line).
+pub fn run_with_output(args: LoadgenArgs, out: &mut impl Write) -> Result<(), Error> {
+    match args.command {
+        LoadgenCommand::Server(args) => serve(&args, out),
+        LoadgenCommand::Client(args) => drive(&args, out),
+    }
+}
+
+fn serve(args: &ServerArgs, out: &mut impl Write) -> Result<(), Error> {
+    let service = match args.mode {
+        Mode::Stream => Service::Stream,
+        Mode::Rr => Service::Rr {
+            msg_size: args
+                .msg_size
+                .ok_or(Error::Usage("rr mode needs --msg-size"))?,
+        },
+        Mode::Connect => Service::Connect,
+    };
+    let server = Server::bind(ServerOptions {
+        listen: args.listen,
+        service,
+        duration: args.duration,
+        max_conns: args.max_conns,
+        nodelay: !args.no_nodelay,
+    })?;
+    emit(
+        out,
+        &Event::Listening {
+            addr: server.local_addr(),
+        },
+    )?;
+    emit(out, &Report::Server(server.run()?))
+}
+
+fn drive(args: &ClientArgs, out: &mut impl Write) -> Result<(), Error> {
+    let opts = ClientOptions {
+        peer: args.connect,
+        conns: args.conns,
+        duration: args.duration,
+        nodelay: !args.no_nodelay,
+        seed: args.seed,
+        connect_retry: args.connect_retry,
+    };
+    match args.mode {
+        Mode::Stream => {
+            let sizes = args
+                .random_sizes
+                .or(args.msg_size.map(SizeRange::fixed))
+                .ok_or(Error::Usage(
+                    "stream mode needs --msg-size or --random-sizes",
+                ))?;
+            let report = client::stream(&opts, sizes)?;
+            let mismatched = report.connections.iter().filter(|c| !c.checksum_ok).count();
+            emit(out, &Report::Stream(report))?;
+            if mismatched > 0 {
+                return Err(Error::ChecksumMismatch {
+                    peer: opts.peer,
+                    mismatched,
+                    conns: opts.conns as usize,
+                });
+            }
+            Ok(())
+        }
+        Mode::Rr => {
+            if args.random_sizes.is_some() {
+                return Err(Error::Usage(
+                    "rr mode takes a fixed --msg-size, not --random-sizes",
+                ));
+            }
+            let msg_size = args
+                .msg_size
+                .ok_or(Error::Usage("rr mode needs --msg-size"))?;
+            let report = client::rr(&opts, msg_size)?;
+            let (mismatches, transactions) = (report.mismatches, report.transactions);
+            emit(out, &Report::Rr(report))?;
+            if mismatches > 0 {
+                return Err(Error::ResponseMismatch {
+                    peer: opts.peer,
+                    mismatches,
+                    transactions,
+                });
+            }
+            Ok(())
+        }
+        Mode::Connect => emit(
+            out,
+            &Report::Connect(client::connect(&opts, args.max_connects)?),
+        ),
+    }
+}
+
+fn emit(out: &mut impl Write, line: &impl Serialize) -> Result<(), Error> {
+    let line = serde_json::to_string(line).expect("reports serialize to JSON");
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .map_err(Error::Output)
+}
+
+/// Longest accepted duration; far beyond any benchmark, and far from `Instant` overflow.
+const MAX_SECS: f64 = 7.0 * 86_400.0;
+
+/// Seconds in `(0, MAX_SECS]`; fractions allowed so tests can run for 0.3 s.
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("bad number of seconds {s:?}: {e}"))?;
+    if secs > 0.0 && secs <= MAX_SECS {
+        Ok(Duration::from_secs_f64(secs))
+    } else {
+        Err(format!("{s} is not a number of seconds in (0, {MAX_SECS}]"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<LoadgenArgs, clap::Error> {
+        LoadgenArgs::try_parse_from(std::iter::once("loadgen").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn server_defaults() {
+        let LoadgenCommand::Server(server) =
+            parse(&["server", "--listen", "[::]:5001"]).unwrap().command
+        else {
+            panic!("not a server");
+        };
+        assert_eq!(server.listen, "[::]:5001".parse().unwrap());
+        assert_eq!(server.mode, Mode::Stream);
+        assert_eq!(server.duration, Duration::from_secs(30));
+        assert_eq!(server.max_conns, None);
+        assert!(!server.no_nodelay);
+    }
+
+    #[test]
+    fn client_flags() {
+        let LoadgenCommand::Client(client) = parse(&[
+            "client",
+            "--connect",
+            "10.77.1.2:5001",
+            "--mode",
+            "stream",
+            "--random-sizes",
+            "1:1048576",
+            "--duration",
+            "0.3",
+            "--conns",
+            "4",
+            "--seed",
+            "9",
+            "--no-nodelay",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not a client");
+        };
+        assert_eq!(client.mode, Mode::Stream);
+        assert_eq!(
+            client.random_sizes,
+            Some(SizeRange {
+                min: 1,
+                max: 1 << 20
+            })
+        );
+        assert_eq!(client.duration, Duration::from_millis(300));
+        assert_eq!((client.conns, client.seed), (4, 9));
+        assert!(client.no_nodelay);
+        assert_eq!(client.max_connects, 200_000);
+        assert_eq!(client.connect_retry, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_arguments_are_rejected() {
+        for args in [
+            &["server", "--listen", "0.0.0.0:1", "--mode", "rr"][..],
+            &["server", "--listen", "localhost:1"],
+            &["server", "--listen", "0.0.0.0:1", "--duration", "0"],
+            &["server", "--listen", "0.0.0.0:1", "--duration", "-1"],
+            &["server", "--listen", "0.0.0.0:1", "--duration", "inf"],
+            &["server", "--listen", "0.0.0.0:1", "--duration", "NaN"],
+            &["server", "--listen", "0.0.0.0:1", "--duration", "1e19"],
+            &["server", "--listen", "0.0.0.0:1", "--max-conns", "0"],
+            &["client", "--connect", "127.0.0.1:1", "--mode", "udp"],
+            &[
+                "client",
+                "--connect",
+                "127.0.0.1:1",
+                "--mode",
+                "rr",
+                "--msg-size",
+                "0",
+            ],
+            &[
+                "client",
+                "--connect",
+                "127.0.0.1:1",
+                "--mode",
+                "rr",
+                "--conns",
+                "0",
+            ],
+            &[
+                "client",
+                "--connect",
+                "127.0.0.1:1",
+                "--mode",
+                "stream",
+                "--msg-size",
+                "5",
+                "--random-sizes",
+                "1:5",
+            ],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} accepted");
+        }
+    }
+
+    #[test]
+    fn missing_sizes_are_usage_errors_before_any_connect() {
+        for (mode, extra) in [
+            ("stream", &[][..]),
+            ("rr", &[][..]),
+            ("rr", &["--random-sizes", "1:2"][..]),
+        ] {
+            let mut args = vec!["client", "--connect", "127.0.0.1:9", "--mode", mode];
+            args.extend_from_slice(extra);
+            let err = run_with_output(parse(&args).unwrap(), &mut Vec::new()).unwrap_err();
+            assert!(matches!(err, Error::Usage(_)), "{mode} {extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn embeds_as_a_hidden_subcommand() {
+        #[derive(Debug, Parser)]
+        struct Quicklane {
+            #[command(subcommand)]
+            command: Command,
+        }
+        #[derive(Debug, Subcommand)]
+        enum Command {
+            #[command(hide = true)]
+            Loadgen(LoadgenArgs),
+        }
+        let Command::Loadgen(args) = Quicklane::try_parse_from([
+            "quicklane",
+            "loadgen",
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .unwrap()
+        .command;
+        assert!(matches!(args.command, LoadgenCommand::Server(_)));
+    }
+}

@@ -1,0 +1,419 @@
+//! Client against server, in-process over 127.0.0.1 and [::1].
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::mpsc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use quicklane_bench::load::checksum::{Checksum, Digest};
+use quicklane_bench::load::cli::{run_with_output, LoadgenArgs};
+use quicklane_bench::load::client::{self, ClientOptions};
+use quicklane_bench::load::report::{ServerConnReport, ServerReport};
+use quicklane_bench::load::server::{Server, ServerOptions, Service};
+use quicklane_bench::load::{parse_listening, parse_report, Error, Mode, Report, SizeRange};
+
+const V4: &str = "127.0.0.1:0";
+const V6: &str = "[::1]:0";
+
+fn start_server(
+    listen: &str,
+    service: Service,
+    duration: Duration,
+    max_conns: Option<u64>,
+) -> (SocketAddr, JoinHandle<Result<ServerReport, Error>>) {
+    let server = Server::bind(ServerOptions {
+        listen: listen.parse().unwrap(),
+        service,
+        duration,
+        max_conns,
+        nodelay: true,
+    })
+    .unwrap();
+    (server.local_addr(), thread::spawn(move || server.run()))
+}
+
+fn client_opts(peer: SocketAddr, conns: u32, duration_ms: u64) -> ClientOptions {
+    ClientOptions {
+        peer,
+        conns,
+        duration: Duration::from_millis(duration_ms),
+        nodelay: true,
+        seed: 42,
+        connect_retry: Duration::from_secs(5),
+    }
+}
+
+fn server_conn(server: &ServerReport, peer: SocketAddr) -> &ServerConnReport {
+    server
+        .connections
+        .iter()
+        .find(|c| c.peer == peer)
+        .unwrap_or_else(|| panic!("server never saw {peer}: {server:?}"))
+}
+
+fn stream_with_random_sizes_matches_on_both_ends(listen: &str) {
+    let conns = 3;
+    // --max-conns makes the server exit on its own long before its 20 s duration.
+    let (addr, server) = start_server(
+        listen,
+        Service::Stream,
+        Duration::from_secs(20),
+        Some(conns.into()),
+    );
+    let report = client::stream(
+        &client_opts(addr, conns, 400),
+        SizeRange {
+            min: 1,
+            max: 1 << 20,
+        },
+    )
+    .unwrap();
+    let server = server.join().unwrap().unwrap();
+
+    assert!(report.checksum_ok, "{report:?}");
+    assert_eq!(report.connections.len(), 3);
+    assert_eq!(
+        report.bytes,
+        report.connections.iter().map(|c| c.bytes).sum::<u64>()
+    );
+    assert!(report.msgs >= 3 && report.bytes > 0);
+    assert!(report.throughput_mbps > 0.0 && report.gbit_per_s > 0.0);
+    for conn in &report.connections {
+        assert!(conn.checksum_ok);
+        assert_eq!(
+            (conn.server_checksum, conn.server_bytes),
+            (conn.checksum, conn.bytes)
+        );
+        let seen = server_conn(&server, conn.local);
+        assert_eq!(seen.error, None);
+        assert_eq!(
+            (seen.checksum, seen.bytes),
+            (Some(conn.checksum), conn.bytes)
+        );
+    }
+    let checksums: Vec<u64> = report.connections.iter().map(|c| c.checksum).collect();
+    assert!(checksums[0] != checksums[1] && checksums[1] != checksums[2]);
+    assert_eq!(
+        (server.conns, server.mode, server.bytes),
+        (3, Mode::Stream, report.bytes)
+    );
+    assert!(server.elapsed_s < 10.0, "server outlived its connections");
+}
+
+#[test]
+fn stream_with_random_sizes_matches_on_both_ends_v4() {
+    stream_with_random_sizes_matches_on_both_ends(V4);
+}
+
+#[test]
+fn stream_with_random_sizes_matches_on_both_ends_v6() {
+    stream_with_random_sizes_matches_on_both_ends(V6);
+}
+
+/// Reads one connection to EOF and answers with a digest that is off by one bit.
+fn lying_stream_server() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind(V4).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut sum = Checksum::new();
+        let mut buf = vec![0; 64 << 10];
+        loop {
+            match conn.read(&mut buf).unwrap() {
+                0 => break,
+                n => sum.update(&buf[..n]),
+            }
+        }
+        let honest = sum.digest();
+        let lie = Digest {
+            checksum: honest.checksum ^ 1,
+            ..honest
+        };
+        conn.write_all(&lie.to_wire()).unwrap();
+    });
+    (addr, handle)
+}
+
+#[test]
+fn checksum_mismatch_fails_the_run_after_printing_the_report() {
+    let (addr, server) = lying_stream_server();
+    let args = LoadgenArgs::try_parse_from([
+        "loadgen",
+        "client",
+        "--connect",
+        &addr.to_string(),
+        "--mode",
+        "stream",
+        "--msg-size",
+        "1000",
+        "--duration",
+        "0.3",
+    ])
+    .unwrap();
+    let mut out = Vec::new();
+    let err = run_with_output(args, &mut out).unwrap_err();
+    server.join().unwrap();
+
+    assert!(
+        matches!(err, Error::ChecksumMismatch { mismatched: 1, conns: 1, peer } if peer == addr),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    let Report::Stream(report) = parse_report(std::str::from_utf8(&out).unwrap()).unwrap() else {
+        panic!("not a stream report");
+    };
+    assert!(!report.checksum_ok);
+    let conn = &report.connections[0];
+    assert!(!conn.checksum_ok);
+    assert_eq!(conn.server_checksum, conn.checksum ^ 1);
+    assert_eq!(conn.server_bytes, conn.bytes);
+    assert_eq!(conn.bytes, conn.msgs * 1000);
+}
+
+fn rr_latencies_are_sane(listen: &str, msg_size: usize) {
+    let (addr, server) = start_server(
+        listen,
+        Service::Rr { msg_size },
+        Duration::from_secs(20),
+        Some(2),
+    );
+    let report = client::rr(&client_opts(addr, 2, 300), msg_size).unwrap();
+    let server = server.join().unwrap().unwrap();
+
+    assert_eq!(report.mismatches, 0);
+    assert!(report.transactions > 0 && report.tps > 0.0, "{report:?}");
+    assert!(report.min_us > 0.0, "{report:?}");
+    let ordered = [
+        report.min_us,
+        report.p50_us,
+        report.p90_us,
+        report.p99_us,
+        report.p999_us,
+        report.max_us,
+    ];
+    assert!(ordered.windows(2).all(|w| w[0] <= w[1]), "{report:?}");
+    assert!(report.min_us <= report.mean_us && report.mean_us <= report.max_us);
+    let echoed: u64 = server
+        .connections
+        .iter()
+        .map(|c| c.transactions.unwrap())
+        .sum();
+    assert_eq!(echoed, report.transactions);
+    assert!(
+        server.connections.iter().all(|c| c.error.is_none()),
+        "{server:?}"
+    );
+}
+
+#[test]
+fn rr_latencies_are_sane_v4() {
+    rr_latencies_are_sane(V4, 1);
+}
+
+#[test]
+fn rr_with_multi_segment_messages_v6() {
+    // Larger than the loopback MTU, so requests arrive in several reads.
+    rr_latencies_are_sane(V6, (64 << 10) + 1);
+}
+
+fn connect_rate(listen: &str) {
+    let (addr, server) = start_server(listen, Service::Connect, Duration::from_secs(1), None);
+    let report = client::connect(&client_opts(addr, 2, 300), 200_000).unwrap();
+    let server = server.join().unwrap().unwrap();
+
+    assert!(
+        report.connects > 0 && report.connects_per_s > 0.0,
+        "{report:?}"
+    );
+    assert!(
+        report.p50_us > 0.0 && report.p50_us <= report.p99_us,
+        "{report:?}"
+    );
+    assert_eq!(report.threads, 2);
+    assert!(
+        server.conns > 0 && server.connections.is_empty(),
+        "{server:?}"
+    );
+}
+
+#[test]
+fn connect_rate_v4() {
+    connect_rate(V4);
+}
+
+#[test]
+fn connect_rate_v6() {
+    connect_rate(V6);
+}
+
+#[test]
+fn connect_mode_stops_at_max_connects() {
+    let (addr, server) = start_server(V4, Service::Connect, Duration::from_secs(1), None);
+    let started = Instant::now();
+    let report = client::connect(&client_opts(addr, 3, 20_000), 50).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(report.connects + report.errors, 50, "{report:?}");
+    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn server_duration_ends_a_server_nobody_connects_to() {
+    let args = LoadgenArgs::try_parse_from([
+        "loadgen",
+        "server",
+        "--listen",
+        V4,
+        "--mode",
+        "rr",
+        "--msg-size",
+        "64",
+        "--duration",
+        "0.3",
+    ])
+    .unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    run_with_output(args, &mut out).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    let out = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let addr = parse_listening(lines[0]).unwrap();
+    let Report::Server(report) = parse_report(lines[1]).unwrap() else {
+        panic!("not a server report: {out}");
+    };
+    assert_eq!(
+        (report.listen, report.mode, report.conns),
+        (addr, Mode::Rr, 0)
+    );
+    assert!(report.elapsed_s >= 0.3);
+}
+
+/// Hands each flushed line to a channel, the way a harness reads a child's stdout pipe.
+struct LineSender {
+    tx: mpsc::Sender<String>,
+    pending: Vec<u8>,
+}
+
+impl Write for LineSender {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.pending.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            // The receiver may have stopped listening; losing lines then is fine.
+            let _ = self.tx.send(String::from_utf8(line).unwrap());
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn cli_server_and_client_talk_through_json_lines() {
+    let (tx, rx) = mpsc::channel();
+    let server = thread::spawn(move || {
+        let args = LoadgenArgs::try_parse_from([
+            "loadgen",
+            "server",
+            "--listen",
+            V6,
+            "--max-conns",
+            "2",
+            "--duration",
+            "20",
+        ])
+        .unwrap();
+        run_with_output(
+            args,
+            &mut LineSender {
+                tx,
+                pending: Vec::new(),
+            },
+        )
+    });
+    let timeout = Duration::from_secs(10);
+    let addr = parse_listening(&rx.recv_timeout(timeout).unwrap()).unwrap();
+
+    let args = LoadgenArgs::try_parse_from([
+        "loadgen",
+        "client",
+        "--connect",
+        &addr.to_string(),
+        "--mode",
+        "stream",
+        "--random-sizes",
+        "1000:5000",
+        "--conns",
+        "2",
+        "--duration",
+        "0.3",
+        "--no-nodelay",
+    ])
+    .unwrap();
+    let mut out = Vec::new();
+    run_with_output(args, &mut out).unwrap();
+    server.join().unwrap().unwrap();
+    let server_line = rx.recv_timeout(timeout).unwrap();
+
+    let Report::Stream(client) = parse_report(std::str::from_utf8(&out).unwrap()).unwrap() else {
+        panic!("not a stream report");
+    };
+    let Report::Server(server) = parse_report(&server_line).unwrap() else {
+        panic!("not a server report: {server_line}");
+    };
+    assert!(client.checksum_ok && !client.nodelay);
+    assert_eq!(
+        client.msg_size,
+        SizeRange {
+            min: 1000,
+            max: 5000
+        }
+    );
+    assert_eq!(client.bytes, server.bytes);
+    for conn in &client.connections {
+        assert_eq!(
+            server_conn(&server, conn.local).checksum,
+            Some(conn.checksum)
+        );
+    }
+}
+
+/// A port that is free now and, lying below Linux's ephemeral range, is not handed out to the
+/// thousands of client sockets the other tests open meanwhile. The search starts at a
+/// pid-dependent port so concurrent test runs pick different ones.
+fn free_port_below_ephemeral_range() -> SocketAddr {
+    let start = 20_000 + (std::process::id() % 10_000) as u16;
+    (start..32_000)
+        .chain(20_000..start)
+        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+        .find(|addr| TcpListener::bind(addr).is_ok())
+        .expect("a free port below 32000")
+}
+
+#[test]
+fn client_waits_for_a_late_server() {
+    let addr = free_port_below_ephemeral_range();
+    let server = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(300));
+        Server::bind(ServerOptions {
+            listen: addr,
+            service: Service::Rr { msg_size: 8 },
+            duration: Duration::from_secs(10),
+            max_conns: Some(1),
+            nodelay: true,
+        })
+        .unwrap()
+        .run()
+    });
+    let report = client::rr(&client_opts(addr, 1, 200), 8).unwrap();
+    assert!(report.transactions > 0);
+    assert_eq!(server.join().unwrap().unwrap().conns, 1);
+}

@@ -1,0 +1,55 @@
+//! Counter slots of the per-CPU statistics arrays, one array per BPF object.
+//!
+//! BPF programs add to slot `i` of their own CPU's copy; userspace sums the copies. The name
+//! tables are what `quicklane status` prints, so a slot and its name are defined together.
+
+/// Declares a counter set: constants for the BPF side and a name table for userspace.
+macro_rules! counter_set {
+    ($table:ident, $len:ident { $($name:ident = $idx:literal : $label:literal,)* }) => {
+        $(pub const $name: u32 = $idx;)*
+        /// Number of slots; the size of the per-CPU array.
+        pub const $len: u32 = [$($idx),*].len() as u32;
+        /// Slot names in slot order, as printed by `quicklane status`.
+        pub const $table: &[&str] = &[$($label),*];
+        const _: () = {
+            let mut i = 0;
+            let idx = [$($idx),*];
+            while i < idx.len() {
+                assert!(idx[i] as usize == i, "counter slots must be dense and in order");
+                i += 1;
+            }
+        };
+    };
+}
+
+pub mod sockops {
+    counter_set!(NAMES, LEN {
+        CALLS = 0: "sock_ops_calls",
+        ACTIVE_ESTABLISHED = 1: "active_established",
+        PASSIVE_ESTABLISHED = 2: "passive_established",
+        SOCK_INSERTED = 3: "sockhash_inserted",
+        SOCK_INSERT_FAILED = 4: "sockhash_insert_failed",
+        SOCK_SKIPPED_FAMILY = 5: "skipped_family",
+        MSG_CALLS = 6: "sk_msg_calls",
+        MSG_REDIRECTED = 7: "msg_redirected",
+        MSG_REDIRECTED_BYTES = 8: "bytes_redirected",
+        MSG_PEER_MISS = 9: "msg_peer_miss",
+    });
+}
+
+pub mod tc {
+    counter_set!(NAMES, LEN {
+        EGRESS_PACKETS = 0: "egress_packets",
+        EGRESS_BYTES = 1: "egress_bytes",
+        INGRESS_PACKETS = 2: "ingress_packets",
+        INGRESS_BYTES = 3: "ingress_bytes",
+    });
+}
+
+pub mod xdp {
+    counter_set!(NAMES, LEN {
+        PACKETS = 0: "packets",
+        BYTES = 1: "bytes",
+        NON_IP = 2: "non_ip_packets",
+    });
+}

@@ -1,0 +1,31 @@
+//! Types shared by quicklane's BPF programs and its userspace.
+//!
+//! Every map key and value is `#[repr(C)]`, `Copy`, and free of implicit padding, so the
+//! byte layout the verifier sees is the one userspace reads. The layout assertions at the
+//! bottom of each module fail the build (on both sides) if a field is added carelessly.
+#![no_std]
+
+pub mod counters;
+pub mod sock;
+
+/// Bumped whenever a shared layout or a load-time global changes meaning, so a daemon never
+/// adopts pins written by an incompatible datapath.
+pub const ABI_VERSION: u32 = 1;
+
+/// Load-time settings of the sock_ops/sk_msg object (`QL_SOCKOPS_CONFIG` global).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockopsConfig {
+    pub abi_version: u32,
+    /// `SOCKOPS_F_*` bits.
+    pub flags: u32,
+}
+
+/// Record established sockets in the sockhash and redirect messages between same-node peers.
+pub const SOCKOPS_F_BYPASS: u32 = 1;
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), Copy, no padding (asserted below).
+unsafe impl aya::Pod for SockopsConfig {}
+
+const _: () = assert!(core::mem::size_of::<SockopsConfig>() == 8);

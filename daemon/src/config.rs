@@ -1,0 +1,385 @@
+//! The agent's TOML configuration: parsing, defaults and validation.
+//!
+//! Every rejection names the key, the value given and what is allowed, because an operator
+//! reading a crash-looping DaemonSet's log has nothing else to go on.
+use std::{
+    collections::BTreeSet,
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Largest sockhash we allow: the kernel caps map sizes far higher, but beyond this the
+/// preallocated buckets alone cost more memory than a node agent should take by surprise.
+pub const MAX_SOCKETS_LIMIT: u32 = 16 * 1024 * 1024;
+pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/quicklane";
+pub const DEFAULT_RUN_DIR: &str = "/run/quicklane";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: `{key}`: {message} (line {line})")]
+    Syntax {
+        path: PathBuf,
+        key: String,
+        message: String,
+        line: usize,
+    },
+    #[error("config {path}: `{key}` = {value} is not allowed: {allowed}")]
+    Value {
+        path: PathBuf,
+        key: String,
+        value: String,
+        allowed: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub bypass: BypassConfig,
+    pub tc: TcConfig,
+    pub xdp: XdpConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// bpffs directory that holds quicklane's pinned maps and links.
+    pub pin_dir: PathBuf,
+    /// Directory for the single-instance lock and the state file `quicklane status` reads.
+    pub run_dir: PathBuf,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            pin_dir: DEFAULT_PIN_DIR.into(),
+            run_dir: DEFAULT_RUN_DIR.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BypassConfig {
+    pub enabled: bool,
+    /// cgroup v2 directory whose sockets are considered; default: the cgroup v2 root.
+    pub cgroup: Option<PathBuf>,
+    pub max_sockets: u32,
+}
+
+impl Default for BypassConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            cgroup: None,
+            max_sockets: DEFAULT_MAX_SOCKETS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcConfig {
+    pub enabled: bool,
+    /// Interfaces (in the agent's network namespace) that get the egress and ingress programs.
+    pub interfaces: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct XdpConfig {
+    pub enabled: bool,
+    pub interfaces: Vec<String>,
+    pub mode: XdpMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Let the kernel pick: native when the driver has it, generic otherwise.
+    #[default]
+    Auto,
+    /// Generic (skb) XDP: works on every device, slower.
+    Skb,
+    /// Driver XDP: fails on devices without native support.
+    Native,
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Skb => "skb",
+            Self::Native => "native",
+        })
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            ConfigError::Syntax {
+                path: path.to_owned(),
+                key: key_at(text, offset),
+                message: e.message().to_owned(),
+                line: text[..offset.min(text.len())].lines().count().max(1),
+            }
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, value: String, allowed: &str| ConfigError::Value {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            value,
+            allowed: allowed.to_owned(),
+        };
+        for (key, dir) in [
+            ("agent.pin_dir", &self.agent.pin_dir),
+            ("agent.run_dir", &self.agent.run_dir),
+        ] {
+            if !dir.is_absolute() {
+                return Err(bad(key, quoted(dir), "an absolute path"));
+            }
+        }
+        if let Some(cg) = &self.bypass.cgroup {
+            if !cg.is_absolute() {
+                return Err(bad(
+                    "bypass.cgroup",
+                    quoted(cg),
+                    "an absolute path to a cgroup v2 directory",
+                ));
+            }
+        }
+        if !(1..=MAX_SOCKETS_LIMIT).contains(&self.bypass.max_sockets) {
+            return Err(bad(
+                "bypass.max_sockets",
+                self.bypass.max_sockets.to_string(),
+                &format!("an integer from 1 to {MAX_SOCKETS_LIMIT}"),
+            ));
+        }
+        for (section, enabled, names) in [
+            ("tc", self.tc.enabled, &self.tc.interfaces),
+            ("xdp", self.xdp.enabled, &self.xdp.interfaces),
+        ] {
+            let key = format!("{section}.interfaces");
+            if enabled && names.is_empty() {
+                return Err(bad(
+                    &key,
+                    "[]".into(),
+                    &format!("at least one interface name while {section}.enabled = true"),
+                ));
+            }
+            let mut seen = BTreeSet::new();
+            for name in names {
+                if !valid_ifname(name) {
+                    return Err(bad(
+                        &key,
+                        format!("{name:?}"),
+                        "interface names of 1 to 15 bytes without '/', ':' or whitespace",
+                    ));
+                }
+                if !seen.insert(name) {
+                    return Err(bad(&key, format!("{name:?}"), "each interface listed once"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn quoted(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+/// Same rules as the kernel's `dev_valid_name`.
+fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+/// Reconstructs the dotted key at `offset` from the nearest `[table]` header above it and the
+/// key on its own line, so a type error reads `bypass.max_sockets` rather than a bare line.
+fn key_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty());
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    match (table, key) {
+        (Some(t), Some(k)) => format!("{t}.{k}"),
+        (None, Some(k)) => k.to_owned(),
+        (Some(t), None) => t.to_owned(),
+        (None, None) => line.trim().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).expect_err("config must be refused").to_string()
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert!(c.bypass.enabled);
+        assert_eq!(c.bypass.max_sockets, 262_144);
+        assert_eq!(c.agent.pin_dir, Path::new(DEFAULT_PIN_DIR));
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let text = include_str!("../../deploy/quicklane.example.toml");
+        let c = parse(text).unwrap();
+        assert!(c.bypass.enabled);
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(
+            r#"
+            [agent]
+            pin_dir = "/sys/fs/bpf/ql-x"
+            run_dir = "/run/ql-x"
+            [bypass]
+            enabled = false
+            cgroup = "/sys/fs/cgroup/kubepods"
+            max_sockets = 1000
+            [tc]
+            enabled = true
+            interfaces = ["veth1", "veth2"]
+            [xdp]
+            enabled = true
+            interfaces = ["eth0"]
+            mode = "skb"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.tc.interfaces, ["veth1", "veth2"]);
+        assert_eq!(c.xdp.mode, XdpMode::Skb);
+        assert_eq!(c.bypass.max_sockets, 1000);
+    }
+
+    #[test]
+    fn wrong_type_names_key_value_and_expectation() {
+        let e = err("[bypass]\nmax_sockets = \"lots\"\n");
+        assert!(e.contains("`bypass.max_sockets`"), "{e}");
+        assert!(e.contains("\"lots\""), "{e}");
+        assert!(e.contains("u32"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_lists_allowed_keys() {
+        let e = err("[bypass]\nenable = true\n");
+        assert!(e.contains("unknown field `enable`"), "{e}");
+        assert!(e.contains("`enabled`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_section_is_refused() {
+        let e = err("[qos2]\nx = 1\n");
+        assert!(e.contains("unknown field `qos2`"), "{e}");
+        assert!(e.contains("`bypass`"), "{e}");
+    }
+
+    #[test]
+    fn bad_enum_value_lists_variants() {
+        let e = err("[xdp]\nmode = \"fast\"\n");
+        assert!(e.contains("`xdp.mode`"), "{e}");
+        assert!(e.contains("fast"), "{e}");
+        assert!(
+            e.contains("`skb`") && e.contains("`native`") && e.contains("`auto`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_value_names_range() {
+        let e = err("[bypass]\nmax_sockets = 0\n");
+        assert_eq!(
+            e,
+            "config test.toml: `bypass.max_sockets` = 0 is not allowed: an integer from 1 to 16777216"
+        );
+    }
+
+    #[test]
+    fn enabled_tc_needs_interfaces() {
+        let e = err("[tc]\nenabled = true\n");
+        assert!(e.contains("`tc.interfaces` = []"), "{e}");
+    }
+
+    #[test]
+    fn bad_interface_names_are_refused() {
+        for name in [
+            "",
+            "a/b",
+            "this-name-is-too-long",
+            "has space",
+            "..",
+            "eth0:1",
+        ] {
+            let e = err(&format!("[xdp]\nenabled = true\ninterfaces = [{name:?}]\n"));
+            assert!(e.contains("`xdp.interfaces`"), "{name}: {e}");
+            assert!(e.contains("1 to 15 bytes"), "{name}: {e}");
+        }
+        let e = err("[tc]\nenabled = true\ninterfaces = [\"a\", \"a\"]\n");
+        assert!(e.contains("each interface listed once"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_are_refused() {
+        let e = err("[agent]\npin_dir = \"bpf/ql\"\n");
+        assert!(e.contains("`agent.pin_dir` = \"bpf/ql\""), "{e}");
+        let e = err("[bypass]\ncgroup = \"kubepods\"\n");
+        assert!(e.contains("`bypass.cgroup`"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_is_located() {
+        let e = err("[bypass]\nenabled = \n");
+        assert!(e.contains("line 2"), "{e}");
+    }
+}

@@ -1,0 +1,178 @@
+//! `quicklane status`: what is attached and the live counters, read from the pins (so it works
+//! from any process, and also while no agent runs but a kept datapath does).
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use aya::{
+    maps::{Map, MapData, PerCpuArray},
+    programs::{links::FdLink, links::PinnedLink, loaded_programs},
+};
+use serde::Serialize;
+
+use crate::{
+    datapath::{open_pinned_map, pinned_names, Object},
+    paths::{PinDir, RunDir},
+    state::AgentState,
+};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub agent: AgentStatus,
+    pub pin_dir: String,
+    pub attachments: Vec<LinkStatus>,
+    /// Per object, counter name to value summed over CPUs.
+    pub counters: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AgentStatus {
+    pub running: bool,
+    pub pid: Option<u32>,
+    pub config: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LinkStatus {
+    pub pin: String,
+    pub program: String,
+    pub program_id: u32,
+    pub link_id: u32,
+    pub target: Option<String>,
+    pub adopted: Option<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("pinned link {pin}: {message}")]
+    Link { pin: String, message: String },
+    #[error("counters {map}: {message}")]
+    Counters { map: String, message: String },
+}
+
+pub fn collect(pins: &PinDir, run: &RunDir) -> Result<Status, StatusError> {
+    let state = AgentState::read(&run.state()).filter(AgentState::is_live);
+    let programs: BTreeMap<u32, String> = loaded_programs()
+        .flatten()
+        .map(|p| (p.id(), p.name_as_str().unwrap_or("?").to_owned()))
+        .collect();
+    let mut attachments = Vec::new();
+    for pin in pinned_names(&pins.links()) {
+        let err = |message: String| StatusError::Link {
+            pin: pin.clone(),
+            message,
+        };
+        let link = PinnedLink::from_pin(pins.link(&pin)).map_err(|e| err(e.to_string()))?;
+        let info = FdLink::from(link).info().map_err(|e| err(e.to_string()))?;
+        let known = state
+            .as_ref()
+            .and_then(|s| s.attachments.iter().find(|a| a.pin == pin));
+        attachments.push(LinkStatus {
+            program: programs
+                .get(&info.program_id())
+                .cloned()
+                .unwrap_or_else(|| "?".to_owned()),
+            program_id: info.program_id(),
+            link_id: info.id(),
+            target: known.map(|a| a.target.clone()),
+            adopted: known.map(|a| a.adopted),
+            pin,
+        });
+    }
+    let mut counters = BTreeMap::new();
+    for object in Object::ALL {
+        let (map_name, names) = object.stats();
+        if !pins.map(map_name).exists() {
+            continue;
+        }
+        counters.insert(
+            object.name().to_owned(),
+            read_counters(pins, map_name, names)?,
+        );
+    }
+    Ok(Status {
+        agent: AgentStatus {
+            running: state.is_some(),
+            pid: state.as_ref().map(|s| s.pid),
+            config: state.as_ref().map(|s| s.config.display().to_string()),
+        },
+        pin_dir: pins.root().display().to_string(),
+        attachments,
+        counters,
+    })
+}
+
+/// Sums each slot of a pinned per-CPU counter array over all CPUs.
+pub fn read_counters(
+    pins: &PinDir,
+    map: &str,
+    names: &[&str],
+) -> Result<BTreeMap<String, u64>, StatusError> {
+    let err = |message: String| StatusError::Counters {
+        map: map.to_owned(),
+        message,
+    };
+    let data: MapData = open_pinned_map(pins, map).map_err(|e| err(e.to_string()))?;
+    let array: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|e| err(e.to_string()))?;
+    let mut out = BTreeMap::new();
+    for (slot, name) in names.iter().enumerate() {
+        let values = array
+            .get(&(slot as u32), 0)
+            .map_err(|e| err(e.to_string()))?;
+        out.insert((*name).to_owned(), values.iter().sum());
+    }
+    Ok(out)
+}
+
+impl Status {
+    pub fn render_text(&self) -> String {
+        let mut s = String::new();
+        match (self.agent.running, self.agent.pid) {
+            (true, Some(pid)) => {
+                let _ = writeln!(
+                    s,
+                    "agent: running (pid {pid}), config {}",
+                    self.agent.config.as_deref().unwrap_or("?")
+                );
+            }
+            _ if self.attachments.is_empty() => {
+                let _ = writeln!(s, "agent: not running; nothing attached");
+            }
+            _ => {
+                let _ = writeln!(
+                    s,
+                    "agent: not running; datapath left attached (kept for a restart)"
+                );
+            }
+        }
+        let _ = writeln!(s, "pins: {}", self.pin_dir);
+        let _ = writeln!(s, "attached ({}):", self.attachments.len());
+        for a in &self.attachments {
+            let _ = writeln!(
+                s,
+                "  {:<28} {:<14} link {:<5} prog {:<5} {}{}",
+                a.pin,
+                a.program,
+                a.link_id,
+                a.program_id,
+                a.target.as_deref().unwrap_or(""),
+                if a.adopted == Some(true) {
+                    "  (adopted)"
+                } else {
+                    ""
+                }
+            );
+        }
+        for object in Object::ALL {
+            let Some(counters) = self.counters.get(object.name()) else {
+                continue;
+            };
+            let _ = writeln!(s, "counters {}:", object.name());
+            // Slot order groups related counters (calls, then outcomes) as the BPF side counts them.
+            for name in object.stats().1 {
+                let value = counters.get(*name).copied().unwrap_or_default();
+                let _ = writeln!(s, "  {name:<24} {value}");
+            }
+        }
+        s
+    }
+}

@@ -1,0 +1,206 @@
+//! Shared pieces of the agent's privileged integration tests: a simulated node with the agent
+//! running in its "host" namespace, and the load generator in its pods.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use simnode::{Node, Pod, Proc};
+
+pub const QUICKLANE: &str = env!("CARGO_BIN_EXE_quicklane");
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A config for `node`: pins and run dir private to the node, bypass on the node's cgroup,
+/// plus `extra`, which continues the `[bypass]` table (keys first, then other tables).
+pub fn write_config(node: &Node, extra: &str) -> PathBuf {
+    std::fs::create_dir_all(node.run_dir()).unwrap();
+    let path = node.run_dir().join("quicklane.toml");
+    let text = format!(
+        "[agent]\npin_dir = {:?}\nrun_dir = {:?}\n[bypass]\ncgroup = {:?}\n{extra}",
+        node.pin_dir().display().to_string(),
+        node.run_dir().display().to_string(),
+        node.cgroup_dir().display().to_string(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A running `quicklane run`, in the node's namespace.
+pub struct Agent {
+    proc: Proc,
+    state: PathBuf,
+}
+
+impl Agent {
+    pub fn start(node: &Node, config: &Path, keep_datapath: bool) -> Self {
+        let mut cmd = node.command(QUICKLANE);
+        cmd.args(["run", "--config"]).arg(config);
+        if keep_datapath {
+            cmd.arg("--keep-datapath");
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut proc = node.spawn(&mut cmd).expect("spawn quicklane run");
+        let state = node.run_dir().join("state.json");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(pid) = read_json(&state).and_then(|s| s["pid"].as_u64()) {
+                if pid == u64::from(proc.id()) {
+                    break;
+                }
+            }
+            if let Ok(Some(status)) = proc.child_mut().try_wait() {
+                panic!(
+                    "agent exited during start ({status}): {}",
+                    stderr_of(&mut proc)
+                );
+            }
+            assert!(Instant::now() < deadline, "agent not ready after {WAIT:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { proc, state }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.id()
+    }
+
+    /// SIGTERM, then the exit status and everything the agent logged.
+    pub fn stop(mut self) -> (ExitStatus, String) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.proc.id().cast_signed()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = self
+            .proc
+            .wait_timeout(WAIT)
+            .expect("agent stops after SIGTERM");
+        let log = stderr_of(&mut self.proc);
+        assert!(!self.state.exists(), "state file left after stop");
+        (status, log)
+    }
+}
+
+fn stderr_of(proc: &mut Proc) -> String {
+    let mut s = String::new();
+    if let Some(mut err) = proc.child_mut().stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut err, &mut s);
+    }
+    s
+}
+
+fn read_json(path: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// `quicklane status --json` for the node's pins.
+pub fn status(node: &Node) -> Value {
+    let out = Command::new(QUICKLANE)
+        .args(["status", "--json", "--pin-dir"])
+        .arg(node.pin_dir())
+        .arg("--run-dir")
+        .arg(node.run_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+pub fn counter(status: &Value, object: &str, name: &str) -> u64 {
+    status["counters"][object][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {object}.{name} in {status:#}"))
+}
+
+/// Link ids and program ids from a status, by pin name.
+pub fn links(status: &Value) -> Vec<(String, u64, u64)> {
+    status["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["pin"].as_str().unwrap().to_owned(),
+                a["link_id"].as_u64().unwrap(),
+                a["program_id"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A load generator server in `pod`, ready (listening) when this returns.
+pub fn server(pod: &Pod, mode: &str, port: u16, secs: u32, extra: &[&str]) -> Proc {
+    let mut cmd = pod.command(QUICKLANE);
+    cmd.args([
+        "loadgen",
+        "server",
+        "--mode",
+        mode,
+        "--duration",
+        &secs.to_string(),
+    ])
+    .arg("--listen")
+    .arg(format!("[::]:{port}"))
+    .args(extra)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    let mut proc = pod.spawn(&mut cmd).expect("spawn loadgen server");
+    let stdout = proc.child_mut().stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert!(line.contains("listening"), "server did not start: {line:?}");
+    proc
+}
+
+/// Runs a load generator client in `pod` to completion and returns its JSON report.
+pub fn client(pod: &Pod, target: &str, mode: &str, secs: u32, extra: &[&str]) -> Value {
+    let mut cmd = pod.command(QUICKLANE);
+    cmd.args([
+        "loadgen",
+        "client",
+        "--mode",
+        mode,
+        "--duration",
+        &secs.to_string(),
+    ])
+    .args(["--connect", target])
+    .args(extra);
+    let out = cmd.output().expect("run loadgen client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client failed ({}): {stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("client report is JSON")
+}
+
+/// Whether a BPF program with this id is still loaded in the kernel.
+fn program_loaded(id: u64) -> bool {
+    aya::programs::loaded_programs()
+        .flatten()
+        .any(|p| u64::from(p.id()) == id)
+}
+
+/// Asserts the programs are unloaded, allowing for the kernel freeing them after an RCU
+/// grace period rather than at the moment their last link closes.
+pub fn assert_unloaded(ids: &[u64]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ids.iter().any(|&id| program_loaded(id)) {
+        assert!(
+            Instant::now() < deadline,
+            "programs {ids:?} still loaded after stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
