@@ -34,6 +34,13 @@ pub mod sockops {
         MSG_REDIRECTED = 7: "msg_redirected",
         MSG_REDIRECTED_BYTES = 8: "bytes_redirected",
         MSG_PEER_MISS = 9: "msg_peer_miss",
+        SOCKHASH_FULL = 10: "sockhash_full",
+        CONN_INELIGIBLE = 11: "conn_ineligible",
+        CONN_NO_ORIGIN = 12: "conn_no_origin",
+        CONN_LOCKED_TCP = 13: "conn_locked_tcp",
+        MSG_NORMAL_PATH = 14: "msg_normal_path",
+        MSG_UNTRACKED = 15: "msg_untracked",
+        REEVALUATED = 16: "rules_reevaluated",
     });
 }
 

@@ -5,12 +5,13 @@
 //! bottom of each module fail the build (on both sides) if a field is added carelessly.
 #![no_std]
 
+pub mod bypass;
 pub mod counters;
 pub mod sock;
 
 /// Bumped whenever a shared layout or a load-time global changes meaning, so a daemon never
 /// adopts pins written by an incompatible datapath.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Load-time settings of the sock_ops/sk_msg object (`QL_SOCKOPS_CONFIG` global).
 #[repr(C)]

@@ -35,70 +35,130 @@ pub fn run(config_path: &Path, keep_datapath: bool) -> Result<(), AgentError> {
     let config = Config::load(config_path)?;
     // Handlers go in before anything is attached: a SIGTERM that arrives during start-up must
     // still lead to a clean detach, not the default action.
-    let stop = StopSignals::install()?;
+    let mut signals = Signals::install()?;
     let run_dir = RunDir::new(&config.agent.run_dir);
     let _lock = AgentLock::acquire(&run_dir.lock())?;
     bpffs::ensure_pin_dir(&config.agent.pin_dir)?;
-    let datapath = Datapath::start(&config).inspect_err(|_| {
+    let mut datapath = Datapath::start(&config).inspect_err(|_| {
         datapath::remove_empty_dirs(&PinDir::new(&config.agent.pin_dir));
     })?;
 
-    let state = AgentState {
+    let mut state = AgentState {
         pid: std::process::id(),
         config: config_path.to_owned(),
         pin_dir: config.agent.pin_dir.clone(),
         keep_datapath,
         attachments: datapath.report().to_vec(),
+        rules: datapath.rules().cloned(),
     };
     let state_path = run_dir.state();
-    let served = state
-        .write(&state_path)
-        .map_err(|source| AgentError::State {
-            path: state_path.clone(),
-            source,
-        })
-        .map(|()| {
-            tracing::info!(
-                attachments = state.attachments.len(),
-                "quicklane agent ready"
-            );
-            stop.wait();
-        });
+    let write_state = |state: &AgentState| {
+        state
+            .write(&state_path)
+            .map_err(|source| AgentError::State {
+                path: state_path.clone(),
+                source,
+            })
+    };
+    let served = write_state(&state).and_then(|()| {
+        tracing::info!(
+            attachments = state.attachments.len(),
+            "quicklane agent ready"
+        );
+        while signals.next() == Signal::Reload {
+            match reload(config_path, &config, &mut datapath) {
+                Ok(()) => {
+                    state.rules = datapath.rules().cloned();
+                    write_state(&state)?;
+                }
+                // A bad edit must not take the running datapath down: keep the old rules.
+                Err(e) => tracing::error!("SIGHUP: configuration not applied: {e}"),
+            }
+        }
+        Ok(())
+    });
     let _ = std::fs::remove_file(&state_path);
     let stopped = datapath.shutdown(keep_datapath);
     served?;
     Ok(stopped?)
 }
 
-struct StopSignals {
+/// SIGHUP: re-read the file and apply what can change live (the bypass rules). Anything else
+/// needs a restart, and saying so beats silently ignoring it.
+fn reload(path: &Path, running: &Config, datapath: &mut Datapath) -> Result<(), AgentError> {
+    let new = Config::load(path)?;
+    let mut comparable = new.clone();
+    comparable
+        .bypass
+        .include_cgroups
+        .clone_from(&running.bypass.include_cgroups);
+    comparable
+        .bypass
+        .exclude_cgroups
+        .clone_from(&running.bypass.exclude_cgroups);
+    comparable
+        .bypass
+        .include_cidrs
+        .clone_from(&running.bypass.include_cidrs);
+    comparable
+        .bypass
+        .exclude_cidrs
+        .clone_from(&running.bypass.exclude_cidrs);
+    comparable
+        .bypass
+        .include_ports
+        .clone_from(&running.bypass.include_ports);
+    comparable
+        .bypass
+        .exclude_ports
+        .clone_from(&running.bypass.exclude_ports);
+    if comparable != *running {
+        tracing::warn!("SIGHUP: only the bypass include/exclude rules change live; restart the agent for the other changes");
+    }
+    if running.bypass.enabled {
+        datapath.reload_rules(&new)?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    Stop,
+    Reload,
+}
+
+struct Signals {
     rt: tokio::runtime::Runtime,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
-impl StopSignals {
+impl Signals {
     fn install() -> Result<Self, AgentError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(AgentError::Signal)?;
-        let (term, int) = rt
+        let (term, int, hup) = rt
             .block_on(async {
                 Ok::<_, std::io::Error>((
                     signal(SignalKind::terminate())?,
                     signal(SignalKind::interrupt())?,
+                    signal(SignalKind::hangup())?,
                 ))
             })
             .map_err(AgentError::Signal)?;
-        Ok(Self { rt, term, int })
+        Ok(Self { rt, term, int, hup })
     }
 
-    fn wait(mut self) {
+    fn next(&mut self) -> Signal {
         self.rt.block_on(async {
             tokio::select! {
-                _ = self.term.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = self.int.recv() => tracing::info!("SIGINT: stopping"),
+                _ = self.term.recv() => { tracing::info!("SIGTERM: stopping"); Signal::Stop }
+                _ = self.int.recv() => { tracing::info!("SIGINT: stopping"); Signal::Stop }
+                _ = self.hup.recv() => { tracing::info!("SIGHUP: reloading the bypass rules"); Signal::Reload }
             }
-        });
+        })
     }
 }

@@ -74,6 +74,72 @@ pub struct BypassConfig {
     /// cgroup v2 directory whose sockets are considered; default: the cgroup v2 root.
     pub cgroup: Option<PathBuf>,
     pub max_sockets: u32,
+    /// Pods (cgroup v2 directories, and everything below them) to accelerate; empty: all.
+    pub include_cgroups: Vec<PathBuf>,
+    /// Pods never accelerated; wins over every include.
+    pub exclude_cgroups: Vec<PathBuf>,
+    /// Addresses to accelerate: a connection qualifies when both its ends are included
+    /// (empty: all) and neither is excluded.
+    pub include_cidrs: Vec<Cidr>,
+    pub exclude_cidrs: Vec<Cidr>,
+    /// Service ports (the server's port of a connection) to accelerate; empty: all.
+    pub include_ports: Vec<u16>,
+    pub exclude_ports: Vec<u16>,
+}
+
+/// An IPv4 or IPv6 prefix, `addr/len`, with no host bits set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix_len: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = s.split_once('/').unwrap_or((s, ""));
+        let addr: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not a CIDR like \"10.0.0.0/8\" or \"fd00::/8\""))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len: u8 = if len.is_empty() {
+            max
+        } else {
+            len.parse()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0 to {max}"))?
+        };
+        let host_bits_set = match addr {
+            std::net::IpAddr::V4(a) => {
+                u32::from(a).checked_shl(u32::from(prefix_len)).unwrap_or(0) != 0
+            }
+            std::net::IpAddr::V6(a) => {
+                u128::from(a)
+                    .checked_shl(u32::from(prefix_len))
+                    .unwrap_or(0)
+                    != 0
+            }
+        };
+        if host_bits_set {
+            return Err(format!("{s:?} has host bits set beyond /{prefix_len}"));
+        }
+        Ok(Self { addr, prefix_len })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
 }
 
 impl Default for BypassConfig {
@@ -82,6 +148,12 @@ impl Default for BypassConfig {
             enabled: true,
             cgroup: None,
             max_sockets: DEFAULT_MAX_SOCKETS,
+            include_cgroups: Vec::new(),
+            exclude_cgroups: Vec::new(),
+            include_cidrs: Vec::new(),
+            exclude_cidrs: Vec::new(),
+            include_ports: Vec::new(),
+            exclude_ports: Vec::new(),
         }
     }
 }
@@ -170,6 +242,26 @@ impl Config {
                     quoted(cg),
                     "an absolute path to a cgroup v2 directory",
                 ));
+            }
+        }
+        for (key, dirs) in [
+            ("bypass.include_cgroups", &self.bypass.include_cgroups),
+            ("bypass.exclude_cgroups", &self.bypass.exclude_cgroups),
+        ] {
+            if let Some(d) = dirs.iter().find(|d| !d.is_absolute()) {
+                return Err(bad(
+                    key,
+                    quoted(d),
+                    "absolute paths of cgroup v2 directories",
+                ));
+            }
+        }
+        for (key, ports) in [
+            ("bypass.include_ports", &self.bypass.include_ports),
+            ("bypass.exclude_ports", &self.bypass.exclude_ports),
+        ] {
+            if ports.contains(&0) {
+                return Err(bad(key, "0".into(), "ports from 1 to 65535"));
             }
         }
         if !(1..=MAX_SOCKETS_LIMIT).contains(&self.bypass.max_sockets) {
@@ -287,6 +379,12 @@ mod tests {
             enabled = false
             cgroup = "/sys/fs/cgroup/kubepods"
             max_sockets = 1000
+            include_cgroups = ["/sys/fs/cgroup/kubepods/pod1"]
+            exclude_cgroups = ["/sys/fs/cgroup/kubepods/pod1/sidecar"]
+            include_cidrs = ["10.0.0.0/8", "fd00::/8", "192.168.1.7"]
+            exclude_cidrs = ["10.9.0.0/16"]
+            include_ports = [8080]
+            exclude_ports = [22]
             [tc]
             enabled = true
             interfaces = ["veth1", "veth2"]
@@ -300,6 +398,29 @@ mod tests {
         assert_eq!(c.tc.interfaces, ["veth1", "veth2"]);
         assert_eq!(c.xdp.mode, XdpMode::Skb);
         assert_eq!(c.bypass.max_sockets, 1000);
+        assert_eq!(c.bypass.include_cidrs[2].to_string(), "192.168.1.7/32");
+        assert_eq!(c.bypass.exclude_cidrs[0].prefix_len, 16);
+        assert_eq!(c.bypass.include_ports, [8080]);
+    }
+
+    #[test]
+    fn bad_cidrs_and_ports_are_refused() {
+        let e = err("[bypass]\ninclude_cidrs = [\"10.0.0.1/8\"]\n");
+        assert!(e.contains("`bypass.include_cidrs`"), "{e}");
+        assert!(e.contains("host bits set beyond /8"), "{e}");
+        let e = err("[bypass]\nexclude_cidrs = [\"fd00::/129\"]\n");
+        assert!(e.contains("prefix length must be 0 to 128"), "{e}");
+        let e = err("[bypass]\ninclude_cidrs = [\"nonsense\"]\n");
+        assert!(e.contains("is not a CIDR"), "{e}");
+        let e = err("[bypass]\ninclude_ports = [70000]\n");
+        assert!(
+            e.contains("`bypass.include_ports`") && e.contains("70000"),
+            "{e}"
+        );
+        let e = err("[bypass]\nexclude_ports = [0]\n");
+        assert!(e.contains("ports from 1 to 65535"), "{e}");
+        let e = err("[bypass]\nexclude_cgroups = [\"pod1\"]\n");
+        assert!(e.contains("`bypass.exclude_cgroups`"), "{e}");
     }
 
     #[test]

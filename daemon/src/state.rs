@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::AttachmentReport;
+use crate::datapath::{rules::RulesSummary, AttachmentReport};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AgentState {
@@ -12,6 +12,8 @@ pub struct AgentState {
     pub pin_dir: PathBuf,
     pub keep_datapath: bool,
     pub attachments: Vec<AttachmentReport>,
+    /// Bypass rules in force (None: bypass disabled).
+    pub rules: Option<RulesSummary>,
 }
 
 impl AgentState {

@@ -3,13 +3,15 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use aya::{
-    maps::{Map, MapData, PerCpuArray},
+    maps::{Map, MapData, PerCpuArray, PerCpuHashMap},
     programs::{links::FdLink, links::PinnedLink, loaded_programs},
 };
 use serde::Serialize;
 
+use quicklane_common::bypass::{FlowKey, Traffic};
+
 use crate::{
-    datapath::{open_pinned_map, pinned_names, Object},
+    datapath::{open_pinned_map, pinned_names, rules::RulesSummary, Object},
     paths::{PinDir, RunDir},
     state::AgentState,
 };
@@ -21,6 +23,21 @@ pub struct Status {
     pub attachments: Vec<LinkStatus>,
     /// Per object, counter name to value summed over CPUs.
     pub counters: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Bypass rules in force, as the running agent applied them.
+    pub rules: Option<RulesSummary>,
+    /// What the bypass moved per pod (cgroup), by direction.
+    pub bypass_pods: Vec<PodBypass>,
+}
+
+#[derive(Debug, Serialize, Default, Clone, PartialEq, Eq)]
+pub struct PodBypass {
+    pub cgroup_id: u64,
+    /// None when the cgroup no longer exists.
+    pub cgroup: Option<String>,
+    pub tx_bytes: u64,
+    pub tx_msgs: u64,
+    pub rx_bytes: u64,
+    pub rx_msgs: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,7 +105,14 @@ pub fn collect(pins: &PinDir, run: &RunDir) -> Result<Status, StatusError> {
             read_counters(pins, map_name, names)?,
         );
     }
+    let bypass_pods = if pins.map("QL_FLOW_TRAFFIC").exists() {
+        pod_bypass(pins)?
+    } else {
+        Vec::new()
+    };
     Ok(Status {
+        rules: state.as_ref().and_then(|s| s.rules.clone()),
+        bypass_pods,
         agent: AgentStatus {
             running: state.is_some(),
             pid: state.as_ref().map(|s| s.pid),
@@ -98,6 +122,39 @@ pub fn collect(pins: &PinDir, run: &RunDir) -> Result<Status, StatusError> {
         attachments,
         counters,
     })
+}
+
+/// Folds the per-(sender, receiver) flow counters into per-pod tx and rx.
+fn pod_bypass(pins: &PinDir) -> Result<Vec<PodBypass>, StatusError> {
+    let map_name = "QL_FLOW_TRAFFIC";
+    let err = |message: String| StatusError::Counters {
+        map: map_name.to_owned(),
+        message,
+    };
+    let data = open_pinned_map(pins, map_name).map_err(|e| err(e.to_string()))?;
+    let flows: PerCpuHashMap<MapData, FlowKey, Traffic> =
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(|e| err(e.to_string()))?;
+    let mut pods: BTreeMap<u64, PodBypass> = BTreeMap::new();
+    for entry in &flows {
+        let (flow, per_cpu) = entry.map_err(|e| err(e.to_string()))?;
+        let bytes: u64 = per_cpu.iter().map(|t| t.bytes).sum();
+        let msgs: u64 = per_cpu.iter().map(|t| t.msgs).sum();
+        let tx = pods.entry(flow.src_cgroup).or_default();
+        tx.tx_bytes += bytes;
+        tx.tx_msgs += msgs;
+        let rx = pods.entry(flow.dst_cgroup).or_default();
+        rx.rx_bytes += bytes;
+        rx.rx_msgs += msgs;
+    }
+    let paths = crate::cgroup::paths_of(&pods.keys().copied().collect());
+    Ok(pods
+        .into_iter()
+        .map(|(id, mut p)| {
+            p.cgroup_id = id;
+            p.cgroup = paths.get(&id).map(|p| p.display().to_string());
+            p
+        })
+        .collect())
 }
 
 /// Sums each slot of a pinned per-CPU counter array over all CPUs.
@@ -171,6 +228,27 @@ impl Status {
             for name in object.stats().1 {
                 let value = counters.get(*name).copied().unwrap_or_default();
                 let _ = writeln!(s, "  {name:<24} {value}");
+            }
+        }
+        if let Some(r) = &self.rules {
+            let _ = writeln!(
+                s,
+                "bypass rules: generation {}, {} cgroups, {} cidrs, {} ports",
+                r.generation, r.cgroups, r.cidrs, r.ports
+            );
+        }
+        if !self.bypass_pods.is_empty() {
+            let _ = writeln!(s, "bypassed per pod:");
+            for p in &self.bypass_pods {
+                let _ = writeln!(
+                    s,
+                    "  {:<48} tx {} B / {} msgs  rx {} B / {} msgs",
+                    p.cgroup.as_deref().unwrap_or("(gone)"),
+                    p.tx_bytes,
+                    p.tx_msgs,
+                    p.rx_bytes,
+                    p.rx_msgs
+                );
             }
         }
         s

@@ -2,7 +2,7 @@
 //! message straight to the peer socket when both ends are on this node.
 //!
 //! Fallback verdicts are chosen so the bypass can only ever remove work, never traffic:
-//! sock_ops always returns 1 (the socket proceeds normally whatever happened to the map), and
+//! sock_ops always returns 1 (the socket proceeds normally whatever happened to the maps), and
 //! sk_msg returns `SK_PASS` on every miss or error so the message takes the normal TCP path.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]

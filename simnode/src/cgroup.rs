@@ -58,7 +58,16 @@ pub(crate) fn kill_all(dir: &Path) -> Result<(), Error> {
     }
 }
 
+/// Removes `dir` and any cgroups a test created below it (children first: cgroupfs only
+/// removes empty directories, and a pod's processes may have made sub-cgroups).
 pub(crate) fn remove(dir: &Path) -> Result<(), Error> {
+    let children =
+        fs::read_dir(dir).map_err(|e| Error::io(format!("listing cgroup {}", dir.display()), e))?;
+    for entry in children.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove(&entry.path())?;
+        }
+    }
     fs::remove_dir(dir).map_err(|e| Error::io(format!("removing cgroup {}", dir.display()), e))
 }
 

@@ -2,6 +2,7 @@
 //! the pin directory, and re-adopting pins a previous agent left behind.
 mod objects;
 mod plan;
+pub mod rules;
 
 use std::{
     collections::BTreeMap,
@@ -66,6 +67,12 @@ pub enum DatapathError {
     },
     #[error("pin {path}: {message}")]
     Pin { path: PathBuf, message: String },
+    #[error("{key}: {value}: {message}")]
+    Rule {
+        key: &'static str,
+        value: String,
+        message: String,
+    },
 }
 
 /// One attachment as the agent and `quicklane status` report it.
@@ -78,12 +85,17 @@ pub struct AttachmentReport {
     pub adopted: bool,
 }
 
+/// The rule maps live in the sockops object; rules must be in place before its programs
+/// are attached, so the first sockets are judged by them.
+const RULES_STATE_MAP: &str = "QL_RULES_STATE";
+
 /// The running datapath: links held (and pinned) until shutdown.
 #[derive(Debug)]
 pub struct Datapath {
     pins: PinDir,
     links: BTreeMap<String, PinnedLink>,
     report: Vec<AttachmentReport>,
+    rules: Option<rules::RulesSummary>,
 }
 
 impl Datapath {
@@ -101,18 +113,58 @@ impl Datapath {
             pins,
             links: BTreeMap::new(),
             report: Vec::new(),
+            rules: None,
         };
         this.detach_unwanted(&wanted)?;
-        if let Err(e) = this.attach_all(&wanted, config) {
+        let mut loaded = Loaded::default();
+        if let Err(e) = this.apply_rules(config, &mut loaded) {
+            this.undo_partial_start();
+            return Err(e);
+        }
+        if let Err(e) = this.attach_all(&wanted, config, &mut loaded) {
             this.undo_partial_start();
             return Err(e);
         }
         Ok(this)
     }
 
-    fn attach_all(&mut self, wanted: &[Attachment], config: &Config) -> Result<(), DatapathError> {
+    fn apply_rules(&mut self, config: &Config, loaded: &mut Loaded) -> Result<(), DatapathError> {
+        if !config.bypass.enabled {
+            return Ok(());
+        }
+        if !self.pins.map(RULES_STATE_MAP).exists() {
+            // Loading the object creates (and pins) its maps.
+            loaded.get(Object::Sockops, config, &self.pins)?;
+        }
+        self.reload_rules(config)
+    }
+
+    /// Rewrites the eligibility rules from `config` (SIGHUP); live connections follow on
+    /// their next message.
+    pub fn reload_rules(&mut self, config: &Config) -> Result<(), DatapathError> {
+        let summary = rules::apply(&self.pins, &config.bypass)?;
+        tracing::info!(
+            generation = summary.generation,
+            cgroups = summary.cgroups,
+            cidrs = summary.cidrs,
+            ports = summary.ports,
+            "bypass rules applied"
+        );
+        self.rules = Some(summary);
+        Ok(())
+    }
+
+    pub fn rules(&self) -> Option<&rules::RulesSummary> {
+        self.rules.as_ref()
+    }
+
+    fn attach_all(
+        &mut self,
+        wanted: &[Attachment],
+        config: &Config,
+        loaded: &mut Loaded,
+    ) -> Result<(), DatapathError> {
         let this = self;
-        let mut loaded = Loaded::default();
         for att in wanted {
             let path = this.pins.link(&att.pin_name);
             let adopted = path.exists();
@@ -267,6 +319,7 @@ pub fn load(object: Object, config: &Config, pins: &PinDir) -> Result<Ebpf, Data
     if object == Object::Sockops {
         loader
             .map_max_entries("QL_SOCKS", config.bypass.max_sockets)
+            .map_max_entries("QL_META", config.bypass.max_sockets)
             .override_global("QL_SOCKOPS_CONFIG", &sockops_config, true);
     }
     loader

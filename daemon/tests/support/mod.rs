@@ -204,3 +204,51 @@ pub fn assert_unloaded(ids: &[u64]) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Entries in a pinned hash-like map of the node's agent (QL_META, QL_SOCKS, ...).
+pub fn map_len(node: &Node, name: &str) -> usize {
+    use aya::maps::{HashMap, Map, MapData, SockHash};
+    use quicklane_common::{bypass::SockMeta, sock::SockKey};
+    let data = MapData::from_pin(node.pin_dir().join("maps").join(name)).unwrap();
+    match name {
+        "QL_SOCKS" => SockHash::<MapData, SockKey>::try_from(Map::SockHash(data))
+            .unwrap()
+            .keys()
+            .count(),
+        "QL_META" => HashMap::<MapData, SockKey, SockMeta>::try_from(Map::HashMap(data))
+            .unwrap()
+            .keys()
+            .count(),
+        other => panic!("map_len does not know {other}"),
+    }
+}
+
+/// Polls `cond` for up to 5 s: the kernel removes closed sockets and frees programs
+/// asynchronously.
+pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "not true after 5 s: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Rewrites the agent's config with `extra` (see `write_config`), sends SIGHUP and waits
+/// until the agent reports the new rules generation.
+pub fn reload(node: &Node, agent: &Agent, extra: &str) {
+    let generation = || {
+        read_json(&agent.state)
+            .and_then(|s| s["rules"]["generation"].as_u64())
+            .unwrap_or(0)
+    };
+    let before = generation();
+    write_config(node, extra);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid().cast_signed()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    eventually("the agent applied the reloaded rules", || {
+        generation() > before
+    });
+}

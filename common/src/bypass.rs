@@ -1,0 +1,102 @@
+//! Per-socket state, eligibility rules and per-pod accounting of the same-node bypass.
+
+/// `SockMeta::flags`: the socket was the connecting side (its service port is `remote_port`).
+pub const META_F_ACTIVE: u32 = 1;
+/// A message of this socket took the normal path because the peer was not (yet) in the
+/// sockhash. Redirecting later messages could overtake those bytes at the receiver, so the
+/// socket stays on the normal path for good.
+pub const META_F_LOCKED_TCP: u32 = 2;
+/// This socket and its peer are both eligible under the rules of `SockMeta::generation`.
+pub const META_F_ELIGIBLE: u32 = 4;
+
+/// What the bypass knows about one socket it tracks, keyed by the socket's `SockKey`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockMeta {
+    /// cgroup of the task that created the socket (connect) or its listener (accept).
+    pub cgroup_id: u64,
+    /// The nearest cgroup with a rule when the socket was set up (0: none).
+    pub rule_cgroup: u64,
+    /// The peer's `cgroup_id`, learned on the first redirect (0: not yet).
+    pub peer_cgroup: u64,
+    /// Rules generation the `META_F_ELIGIBLE` bit was computed under; 0 until the first message,
+    /// which is when the peer's metadata can be read.
+    pub generation: u32,
+    pub flags: u32,
+}
+
+/// Who created a socket, recorded where the task context is right (connect, listen) and
+/// picked up at establishment, where it is not.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub cgroup_id: u64,
+    pub rule_cgroup: u64,
+}
+
+/// A listening socket: accepted sockets find their listener's origin by netns and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    pub port: u32,
+    pub pad: u32,
+}
+
+/// Rule verdicts in `QL_CGROUP_RULES`, `QL_PORT_RULES` and the CIDR tries.
+pub const RULE_INCLUDE: u32 = 1;
+pub const RULE_EXCLUDE: u32 = 2;
+
+/// `RulesState::flags`: an include list exists, so what matches no rule is excluded.
+pub const RULES_F_CGROUP_INCLUDES: u32 = 1;
+pub const RULES_F_CIDR_INCLUDES: u32 = 2;
+pub const RULES_F_PORT_INCLUDES: u32 = 4;
+
+/// Slot 0 of `QL_RULES_STATE`. Userspace writes the rule maps first and bumps `generation`
+/// last; sk_msg re-evaluates a socket whose `SockMeta::generation` is older.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RulesState {
+    pub generation: u32,
+    pub flags: u32,
+}
+
+/// Sender and receiver pod (cgroup ids) of bypassed messages.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_cgroup: u64,
+    pub dst_cgroup: u64,
+}
+
+/// What the bypass moved for one `FlowKey`. Keyed by the pair so each message costs one map
+/// update; userspace sums per pod and direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub bytes: u64,
+    pub msgs: u64,
+}
+
+/// How deep the cgroup ancestor walk looks for a rule (kubepods/burstable/pod/container is 4).
+pub const MAX_CGROUP_LEVEL: i32 = 12;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all): repr(C), Copy, no padding (asserted below).
+    unsafe impl aya::Pod for super::SockMeta {}
+    unsafe impl aya::Pod for super::Origin {}
+    unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::RulesState {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Traffic {}
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<SockMeta>() == 32);
+    assert!(core::mem::size_of::<Origin>() == 16);
+    assert!(core::mem::size_of::<ListenerKey>() == 16);
+    assert!(core::mem::size_of::<RulesState>() == 8);
+    assert!(core::mem::size_of::<FlowKey>() == 16);
+    assert!(core::mem::size_of::<Traffic>() == 16);
+};

@@ -1,0 +1,80 @@
+//! Every map of the bypass. All are pinned by name, so a restarted agent re-adopts them with
+//! their contents; sizes marked "default" are overridden by the loader from the config.
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
+};
+use quicklane_common::{
+    bypass::{FlowKey, ListenerKey, Origin, RulesState, SockMeta, Traffic},
+    counters::sockops as c,
+    sock::SockKey,
+    SockopsConfig,
+};
+
+/// Default capacity; `bypass.max_sockets` overrides it for `QL_SOCKS` and `QL_META`.
+const SOCKS_DEFAULT_MAX: u32 = 262_144;
+
+#[map(name = "QL_SOCKS")]
+pub static QL_SOCKS: SockHash<SockKey> = SockHash::pinned(SOCKS_DEFAULT_MAX, 0);
+
+/// Entries come and go with connections: no preallocation of max_sockets elements.
+#[map(name = "QL_META")]
+pub static QL_META: HashMap<SockKey, SockMeta> =
+    HashMap::pinned(SOCKS_DEFAULT_MAX, BPF_F_NO_PREALLOC);
+
+/// Socket cookie -> origin, between connect() and establishment. LRU: a connect that never
+/// establishes must not leak an entry forever.
+#[map(name = "QL_ORIGINS")]
+pub static QL_ORIGINS: LruHashMap<u64, Origin> = LruHashMap::pinned(65_536, 0);
+
+#[map(name = "QL_LISTENERS")]
+pub static QL_LISTENERS: LruHashMap<ListenerKey, Origin> = LruHashMap::pinned(16_384, 0);
+
+#[map(name = "QL_CGROUP_RULES")]
+pub static QL_CGROUP_RULES: HashMap<u64, u32> = HashMap::pinned(16_384, 0);
+
+#[map(name = "QL_PORT_RULES")]
+pub static QL_PORT_RULES: HashMap<u32, u32> = HashMap::pinned(4_096, 0);
+
+#[map(name = "QL_CIDR4_RULES")]
+pub static QL_CIDR4_RULES: LpmTrie<[u8; 4], u32> = LpmTrie::pinned(4_096, 0);
+
+#[map(name = "QL_CIDR6_RULES")]
+pub static QL_CIDR6_RULES: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(4_096, 0);
+
+#[map(name = "QL_RULES_STATE")]
+pub static QL_RULES_STATE: Array<RulesState> = Array::pinned(1, 0);
+
+/// What the bypass moved, per (sender pod, receiver pod). Per-CPU: no shared read-modify-write.
+#[map(name = "QL_FLOW_TRAFFIC")]
+pub static QL_FLOW_TRAFFIC: PerCpuHashMap<FlowKey, Traffic> = PerCpuHashMap::pinned(16_384, 0);
+
+#[map(name = "QL_SOCKOPS_STATS")]
+static QL_SOCKOPS_STATS: PerCpuArray<u64> = PerCpuArray::pinned(c::LEN, 0);
+
+#[no_mangle]
+static QL_SOCKOPS_CONFIG: SockopsConfig = SockopsConfig {
+    abi_version: 0,
+    flags: 0,
+};
+
+#[inline(always)]
+pub fn count(slot: u32, by: u64) {
+    if let Some(p) = QL_SOCKOPS_STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe { *p += by };
+    }
+}
+
+#[inline(always)]
+pub fn config_flags() -> u32 {
+    // SAFETY: read-only global patched by the loader; volatile so LLVM cannot fold the
+    // compile-time default into the program.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!(QL_SOCKOPS_CONFIG.flags)) }
+}
+
+#[inline(always)]
+pub fn rules_state() -> RulesState {
+    QL_RULES_STATE.get(0).copied().unwrap_or_default()
+}

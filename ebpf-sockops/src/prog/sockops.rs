@@ -1,0 +1,145 @@
+//! sock_ops: learn who owns each socket where the task context is right (connect, listen),
+//! then at establishment decide eligibility and enter the socket into `QL_SOCKS`.
+use aya_ebpf::{
+    bindings::{
+        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use quicklane_common::{
+    bypass::{ListenerKey, Origin, SockMeta, META_F_ACTIVE},
+    counters::sockops as c,
+    SOCKOPS_F_BYPASS,
+};
+
+use super::{
+    key::key_from_ctx,
+    maps::{config_flags, count, rules_state, QL_LISTENERS, QL_META, QL_ORIGINS, QL_SOCKS},
+    rules::{current_origin, eligible},
+};
+
+const E2BIG: i32 = 7;
+
+#[sock_ops]
+pub fn ql_sockops(ctx: SockOpsContext) -> u32 {
+    count(c::CALLS, 1);
+    if config_flags() & SOCKOPS_F_BYPASS != 0 {
+        match ctx.op() {
+            BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+            BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+                count(c::ACTIVE_ESTABLISHED, 1);
+                on_established(&ctx, true);
+            }
+            BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+                count(c::PASSIVE_ESTABLISHED, 1);
+                on_established(&ctx, false);
+            }
+            BPF_SOCK_OPS_STATE_CB => on_state(&ctx),
+            _ => {}
+        }
+    }
+    // Whatever happened above, the socket itself proceeds normally.
+    1
+}
+
+fn on_connect(ctx: &SockOpsContext) {
+    // SAFETY: helper on the live sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let _ = QL_ORIGINS.insert(&cookie, &current_origin(), 0);
+}
+
+fn listener_key(ctx: &SockOpsContext) -> ListenerKey {
+    ListenerKey {
+        // SAFETY: helper on the live sock_ops context.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
+        port: ctx.local_port(),
+        pad: 0,
+    }
+}
+
+fn on_listen(ctx: &SockOpsContext) {
+    let _ = QL_LISTENERS.insert(&listener_key(ctx), &current_origin(), 0);
+}
+
+fn origin(ctx: &SockOpsContext, active: bool) -> Option<Origin> {
+    if active {
+        // SAFETY: helper on the live sock_ops context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        // SAFETY: the value is copied out before the entry is removed.
+        let found = unsafe { QL_ORIGINS.get(&cookie) }.copied();
+        let _ = QL_ORIGINS.remove(&cookie);
+        found
+    } else {
+        // SAFETY: read-only copy of a small value.
+        unsafe { QL_LISTENERS.get(&listener_key(ctx)) }.copied()
+    }
+}
+
+fn on_established(ctx: &SockOpsContext, active: bool) {
+    // No origin: the socket was connected or its listener opened before the agent started,
+    // or outside the attached cgroup. It stays on the normal path.
+    let Some(origin) = origin(ctx, active) else {
+        count(c::CONN_NO_ORIGIN, 1);
+        return;
+    };
+    let Some(mut key) = key_from_ctx!(ctx.ops) else {
+        count(c::SOCK_SKIPPED_FAMILY, 1);
+        return;
+    };
+    let meta = SockMeta {
+        cgroup_id: origin.cgroup_id,
+        rule_cgroup: origin.rule_cgroup,
+        peer_cgroup: 0,
+        generation: 0,
+        flags: if active { META_F_ACTIVE } else { 0 },
+    };
+    if !eligible(&key, &meta, &rules_state()) {
+        count(c::CONN_INELIGIBLE, 1);
+        return;
+    }
+    // Metadata first: sk_msg may run as soon as the socket is in the sockhash.
+    if let Err(e) = QL_META.insert(&key, &meta, u64::from(BPF_NOEXIST)) {
+        count(
+            if e == -E2BIG {
+                c::SOCKHASH_FULL
+            } else {
+                c::SOCK_INSERT_FAILED
+            },
+            1,
+        );
+        return;
+    }
+    // SAFETY: `ctx.ops` is the live bpf_sock_ops of this callback.
+    match QL_SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {
+            count(c::SOCK_INSERTED, 1);
+            // Closing must remove the metadata; the sockhash entry goes by itself.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+        Err(e) => {
+            let _ = QL_META.remove(&key);
+            count(
+                if e == -E2BIG {
+                    c::SOCKHASH_FULL
+                } else {
+                    c::SOCK_INSERT_FAILED
+                },
+                1,
+            );
+        }
+    }
+}
+
+fn on_state(ctx: &SockOpsContext) {
+    if ctx.arg(1) != BPF_TCP_CLOSE {
+        return;
+    }
+    if let Some(key) = key_from_ctx!(ctx.ops) {
+        let _ = QL_META.remove(&key);
+    }
+}
