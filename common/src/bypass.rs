@@ -6,6 +6,11 @@ pub const META_F_ACTIVE: u32 = 1;
 /// sockhash. Redirecting later messages could overtake those bytes at the receiver, so the
 /// socket stays on the normal path for good.
 pub const META_F_LOCKED_TCP: u32 = 2;
+/// This direction became a small-message stream; the socket leaves the sockhash at its next
+/// RTT callback if nothing was ever redirected into it. Peers stop redirecting to it.
+pub const META_F_LEAVING: u32 = 8;
+/// Removed from the sockhash: plain TCP from here on, with TCP's own batching.
+pub const META_F_LEFT: u32 = 16;
 /// This socket and its peer are both eligible under the rules of `SockMeta::generation`.
 pub const META_F_ELIGIBLE: u32 = 4;
 
@@ -23,6 +28,13 @@ pub struct SockMeta {
     /// which is when the peer's metadata can be read.
     pub generation: u32,
     pub flags: u32,
+    /// Messages sent since the peer last sent one; the peer's sk_msg resets it.
+    pub unanswered: u32,
+    pub pad: u32,
+    /// Messages the peer redirected into this socket (atomically incremented by the peer
+    /// before it checks `META_F_LEAVING`): nonzero means our redirect queue may hold bytes,
+    /// and leaving the sockhash would drop them. 64-bit: BPF atomics are 64-bit here.
+    pub rx_redirects: u64,
 }
 
 /// Who created a socket, recorded where the task context is right (connect, listen) and
@@ -93,7 +105,7 @@ mod pod {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<SockMeta>() == 32);
+    assert!(core::mem::size_of::<SockMeta>() == 48);
     assert!(core::mem::size_of::<Origin>() == 16);
     assert!(core::mem::size_of::<ListenerKey>() == 16);
     assert!(core::mem::size_of::<RulesState>() == 8);

@@ -36,11 +36,13 @@ pub mod sockops {
         MSG_PEER_MISS = 9: "msg_peer_miss",
         SOCKHASH_FULL = 10: "sockhash_full",
         CONN_INELIGIBLE = 11: "conn_ineligible",
-        CONN_NO_ORIGIN = 12: "conn_no_origin",
+        CONN_NO_ORIGIN = 12: "conn_origin_unknown",
         CONN_LOCKED_TCP = 13: "conn_locked_tcp",
         MSG_NORMAL_PATH = 14: "msg_normal_path",
         MSG_UNTRACKED = 15: "msg_untracked",
         REEVALUATED = 16: "rules_reevaluated",
+        CONN_DEMOTED_SMALL = 17: "conn_demoted_small_msgs",
+        SOCK_LEFT_MAP = 18: "sockhash_left_small_msgs",
     });
 }
 

@@ -20,6 +20,11 @@ pub struct SockopsConfig {
     pub abi_version: u32,
     /// `SOCKOPS_F_*` bits.
     pub flags: u32,
+    /// Messages below this size count towards a small-message stream (0: never demote).
+    pub small_msg_bytes: u32,
+    /// After this many consecutive small messages with no message from the peer in between,
+    /// the sending direction moves to the normal TCP path, where segments batch them.
+    pub small_msg_streak: u32,
 }
 
 /// Record established sockets in the sockhash and redirect messages between same-node peers.
@@ -29,4 +34,4 @@ pub const SOCKOPS_F_BYPASS: u32 = 1;
 // SAFETY: repr(C), Copy, no padding (asserted below).
 unsafe impl aya::Pod for SockopsConfig {}
 
-const _: () = assert!(core::mem::size_of::<SockopsConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<SockopsConfig>() == 16);

@@ -14,6 +14,8 @@ use serde::Deserialize;
 /// preallocated buckets alone cost more memory than a node agent should take by surprise.
 pub const MAX_SOCKETS_LIMIT: u32 = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
+pub const DEFAULT_SMALL_MSG_BYTES: u32 = 4096;
+pub const DEFAULT_SMALL_MSG_STREAK: u32 = 32;
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/quicklane";
 pub const DEFAULT_RUN_DIR: &str = "/run/quicklane";
 
@@ -85,6 +87,11 @@ pub struct BypassConfig {
     /// Service ports (the server's port of a connection) to accelerate; empty: all.
     pub include_ports: Vec<u16>,
     pub exclude_ports: Vec<u16>,
+    /// Messages below this many bytes are "small" (0: never leave the bypass for size).
+    pub small_msg_bytes: u32,
+    /// A direction that sends this many small messages in a row, unanswered, moves to the
+    /// normal TCP path, which batches them (see README, "No small-message penalty").
+    pub small_msg_streak: u32,
 }
 
 /// An IPv4 or IPv6 prefix, `addr/len`, with no host bits set.
@@ -154,6 +161,8 @@ impl Default for BypassConfig {
             exclude_cidrs: Vec::new(),
             include_ports: Vec::new(),
             exclude_ports: Vec::new(),
+            small_msg_bytes: DEFAULT_SMALL_MSG_BYTES,
+            small_msg_streak: DEFAULT_SMALL_MSG_STREAK,
         }
     }
 }
@@ -263,6 +272,13 @@ impl Config {
             if ports.contains(&0) {
                 return Err(bad(key, "0".into(), "ports from 1 to 65535"));
             }
+        }
+        if self.bypass.small_msg_streak == 0 {
+            return Err(bad(
+                "bypass.small_msg_streak",
+                "0".into(),
+                "an integer of at least 1 (set small_msg_bytes = 0 to disable)",
+            ));
         }
         if !(1..=MAX_SOCKETS_LIMIT).contains(&self.bypass.max_sockets) {
             return Err(bad(

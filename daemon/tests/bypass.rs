@@ -144,7 +144,7 @@ fn loopback_inside_one_pod_is_bypassed() {
     let _srv = server(a, "stream", 6301, 20, &[]);
     for target in ["127.0.0.1:6301", "[::1]:6301"] {
         let before = redirected(&node);
-        let sent = assert_stream_ok(&client(a, target, "stream", 1, &["--msg-size", "1000"]));
+        let sent = assert_stream_ok(&client(a, target, "stream", 1, &["--msg-size", "65536"]));
         assert!(redirected(&node) - before >= sent, "{target} not bypassed");
     }
     finish(node, agent);
@@ -461,5 +461,63 @@ fn bypassed_bytes_are_accounted_per_pod_and_direction() {
     // The checksum reply went the other way.
     assert!(pb["tx_bytes"].as_u64().unwrap() >= 16, "{pb}");
     assert!(pa["rx_msgs"].as_u64().unwrap() >= 1, "{pa}");
+    finish(node, agent);
+}
+
+#[test]
+fn small_message_streams_move_to_tcp_while_small_request_response_stays() {
+    if !privileged("bypass small messages") {
+        return;
+    }
+    let (node, agent) = node_with_agent(2, "");
+    let (a, b) = (node.pod(0), node.pod(1));
+    let _srv = server(b, "stream", 7101, 30, &[]);
+    let _echo = server(b, "rr", 7102, 30, &["--msg-size", "64"]);
+
+    let before = status(&node);
+    let report = client(
+        a,
+        &format!("{}:7101", b.ipv4()),
+        "stream",
+        1,
+        &["--msg-size", "64", "--conns", "2"],
+    );
+    assert_stream_ok(&report);
+    let after = status(&node);
+    let delta = |name: &str| counter(&after, "sockops", name) - counter(&before, "sockops", name);
+    assert_eq!(delta("conn_demoted_small_msgs"), 2, "{after:#}");
+    // Nothing was ever redirected into the writers, so they left the sockhash for plain TCP.
+    assert_eq!(delta("sockhash_left_small_msgs"), 2, "{after:#}");
+    assert!(
+        delta("msg_redirected") < 100,
+        "only the first messages went by redirect"
+    );
+    assert!(
+        report["msgs"].as_u64().unwrap() > 1000 * delta("sk_msg_calls"),
+        "after leaving, the writers' messages no longer run sk_msg"
+    );
+
+    let before = status(&node);
+    let rr = client(
+        a,
+        &format!("{}:7102", b.ipv4()),
+        "rr",
+        1,
+        &["--msg-size", "64"],
+    );
+    assert_rr_ok(&rr);
+    let after = status(&node);
+    let transactions = rr["transactions"].as_u64().unwrap();
+    assert_eq!(
+        counter(&after, "sockops", "conn_demoted_small_msgs"),
+        counter(&before, "sockops", "conn_demoted_small_msgs"),
+        "request/response is answered every time, so it is never demoted"
+    );
+    assert!(
+        counter(&after, "sockops", "msg_redirected")
+            - counter(&before, "sockops", "msg_redirected")
+            >= 2 * transactions,
+        "both directions of every transaction were redirected"
+    );
     finish(node, agent);
 }

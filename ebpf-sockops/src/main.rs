@@ -6,6 +6,7 @@
 //! sk_msg returns `SK_PASS` on every miss or error so the message takes the normal TCP path.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod prog;

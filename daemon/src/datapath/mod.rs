@@ -312,6 +312,8 @@ pub fn load(object: Object, config: &Config, pins: &PinDir) -> Result<Ebpf, Data
         } else {
             0
         },
+        small_msg_bytes: config.bypass.small_msg_bytes,
+        small_msg_streak: config.bypass.small_msg_streak,
     };
     let mut loader = EbpfLoader::new();
     let maps_dir = pins.maps();

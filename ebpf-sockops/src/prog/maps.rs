@@ -57,6 +57,8 @@ static QL_SOCKOPS_STATS: PerCpuArray<u64> = PerCpuArray::pinned(c::LEN, 0);
 static QL_SOCKOPS_CONFIG: SockopsConfig = SockopsConfig {
     abi_version: 0,
     flags: 0,
+    small_msg_bytes: 0,
+    small_msg_streak: 0,
 };
 
 #[inline(always)]
@@ -72,6 +74,18 @@ pub fn config_flags() -> u32 {
     // SAFETY: read-only global patched by the loader; volatile so LLVM cannot fold the
     // compile-time default into the program.
     unsafe { core::ptr::read_volatile(core::ptr::addr_of!(QL_SOCKOPS_CONFIG.flags)) }
+}
+
+/// (size below which a message is small, streak that demotes a direction).
+#[inline(always)]
+pub fn small_msg_policy() -> (u32, u32) {
+    // SAFETY: as for `config_flags`.
+    unsafe {
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!(QL_SOCKOPS_CONFIG.small_msg_bytes)),
+            core::ptr::read_volatile(core::ptr::addr_of!(QL_SOCKOPS_CONFIG.small_msg_streak)),
+        )
+    }
 }
 
 #[inline(always)]

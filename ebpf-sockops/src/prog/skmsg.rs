@@ -5,14 +5,14 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use quicklane_common::{
-    bypass::{FlowKey, SockMeta, Traffic, META_F_ELIGIBLE, META_F_LOCKED_TCP},
+    bypass::{FlowKey, SockMeta, Traffic, META_F_ELIGIBLE, META_F_LEAVING, META_F_LOCKED_TCP},
     counters::sockops as c,
     sock::SockKey,
 };
 
 use super::{
     key::key_from_ctx,
-    maps::{count, rules_state, QL_FLOW_TRAFFIC, QL_META, QL_SOCKS},
+    maps::{count, rules_state, small_msg_policy, QL_FLOW_TRAFFIC, QL_META, QL_SOCKS},
     rules::eligible,
 };
 
@@ -35,17 +35,57 @@ pub fn ql_sk_msg(ctx: SkMsgContext) -> u32 {
     }
     let size = u64::from(ctx.size());
     let mut peer = key.peer();
+    let Some(peer_meta) = QL_META.get_ptr_mut(&peer) else {
+        // The peer closed: from here on this socket's bytes go by TCP, and never back.
+        return lock_tcp(meta, c::MSG_PEER_MISS);
+    };
+    // SAFETY: live element of a BPF_F_NO_PREALLOC hash; the fields we touch are either
+    // atomic or hints where a lost update only delays a decision by one message.
+    let peer_meta = unsafe { &mut *peer_meta };
+    if small_stream(peer_meta, meta, ctx.size()) {
+        // Switching this direction to TCP is safe at any time: the bytes already redirected
+        // sit in the peer's redirect queue, which its reads drain before the TCP queue.
+        meta.flags |= META_F_LEAVING;
+        count(c::CONN_DEMOTED_SMALL, 1);
+        return lock_tcp(meta, c::MSG_NORMAL_PATH);
+    }
+    // Increment first, then look: a peer that is leaving either sees our increment and stays,
+    // or we see its flag and do not redirect (see SockMeta::rx_redirects).
+    // SAFETY: points into a live, 8-byte aligned map value.
+    unsafe { atomic_add(&raw mut peer_meta.rx_redirects, 1) };
+    // The fetch_add above is a full barrier, so this read cannot move before it.
+    // SAFETY: aligned read of a live map value.
+    let peer_flags = unsafe { core::ptr::read_volatile(&raw const peer_meta.flags) };
+    if peer_flags & META_F_LEAVING != 0 {
+        return lock_tcp(meta, c::MSG_NORMAL_PATH);
+    }
     if QL_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) != i64::from(SK_PASS) {
-        // The peer left (closed) between our check and now: from here on this socket's
-        // bytes go by TCP, and never back, so nothing can overtake them.
-        meta.flags |= META_F_LOCKED_TCP;
-        count(c::MSG_PEER_MISS, 1);
-        count(c::CONN_LOCKED_TCP, 1);
-        return SK_PASS;
+        return lock_tcp(meta, c::MSG_PEER_MISS);
     }
     count(c::MSG_REDIRECTED, 1);
     count(c::MSG_REDIRECTED_BYTES, size);
     account(meta, size);
+    SK_PASS
+}
+
+/// BPF's atomic add (`lock xadd`): the bpfel target has no compare-and-swap, so core's
+/// `fetch_add` is not available, while the instruction itself is (a full barrier on x86).
+///
+/// # Safety
+/// `dst` must be valid and 8-byte aligned.
+#[inline(always)]
+unsafe fn atomic_add(dst: *mut u64, val: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) dst, in(reg) val) };
+}
+
+/// This socket's bytes take TCP from now on; they never come back to the redirect, so nothing
+/// can overtake them.
+#[inline(always)]
+fn lock_tcp(meta: &mut SockMeta, reason: u32) -> u32 {
+    meta.flags |= META_F_LOCKED_TCP;
+    count(reason, 1);
+    count(c::CONN_LOCKED_TCP, 1);
     SK_PASS
 }
 
@@ -80,6 +120,24 @@ fn redirect_allowed(key: &SockKey, meta: &mut SockMeta) -> bool {
         }
     }
     meta.flags & META_F_ELIGIBLE != 0
+}
+
+/// Whether this direction has become a stream of small messages, where TCP wins: it batches
+/// many writes into one segment and one reader wakeup, while a redirect costs one queued
+/// message and one wakeup per write. Request/response stays: each answer resets the streak.
+#[inline(always)]
+fn small_stream(peer: &mut SockMeta, meta: &mut SockMeta, size: u32) -> bool {
+    let (small_bytes, streak) = small_msg_policy();
+    if small_bytes == 0 {
+        return false;
+    }
+    peer.unanswered = 0;
+    if size >= small_bytes {
+        meta.unanswered = 0;
+        return false;
+    }
+    meta.unanswered = meta.unanswered.saturating_add(1);
+    meta.unanswered >= streak
 }
 
 #[inline(always)]

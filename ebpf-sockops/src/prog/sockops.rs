@@ -3,15 +3,16 @@
 use aya_ebpf::{
     bindings::{
         BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_delete_elem},
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use quicklane_common::{
-    bypass::{ListenerKey, Origin, SockMeta, META_F_ACTIVE},
+    bypass::{ListenerKey, Origin, SockMeta, META_F_ACTIVE, META_F_LEAVING, META_F_LEFT},
     counters::sockops as c,
     SOCKOPS_F_BYPASS,
 };
@@ -40,6 +41,7 @@ pub fn ql_sockops(ctx: SockOpsContext) -> u32 {
                 on_established(&ctx, false);
             }
             BPF_SOCK_OPS_STATE_CB => on_state(&ctx),
+            BPF_SOCK_OPS_RTT_CB => on_rtt(&ctx),
             _ => {}
         }
     }
@@ -81,12 +83,14 @@ fn origin(ctx: &SockOpsContext, active: bool) -> Option<Origin> {
 }
 
 fn on_established(ctx: &SockOpsContext, active: bool) {
-    // No origin: the socket was connected or its listener opened before the agent started,
-    // or outside the attached cgroup. It stays on the normal path.
-    let Some(origin) = origin(ctx, active) else {
+    // No origin: the listener was opened (or the connect started) before the agent attached,
+    // the usual case for servers already running when the agent starts or restarts. The
+    // socket is still accelerated, as pod "unknown" (cgroup 0): cgroup include rules cannot
+    // admit it, cgroup exclude rules cannot catch it.
+    let origin = origin(ctx, active).unwrap_or_else(|| {
         count(c::CONN_NO_ORIGIN, 1);
-        return;
-    };
+        Origin::default()
+    });
     let Some(mut key) = key_from_ctx!(ctx.ops) else {
         count(c::SOCK_SKIPPED_FAMILY, 1);
         return;
@@ -97,6 +101,9 @@ fn on_established(ctx: &SockOpsContext, active: bool) {
         peer_cgroup: 0,
         generation: 0,
         flags: if active { META_F_ACTIVE } else { 0 },
+        unanswered: 0,
+        pad: 0,
+        rx_redirects: 0,
     };
     if !eligible(&key, &meta, &rules_state()) {
         count(c::CONN_INELIGIBLE, 1);
@@ -118,8 +125,10 @@ fn on_established(ctx: &SockOpsContext, active: bool) {
     match QL_SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             count(c::SOCK_INSERTED, 1);
-            // Closing must remove the metadata; the sockhash entry goes by itself.
-            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            // Closing must remove the metadata (the sockhash entry goes by itself); RTT
+            // samples only happen once data takes TCP, which is when leaving is decided.
+            let flags = BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG;
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | flags) as i32);
         }
         Err(e) => {
             let _ = QL_META.remove(&key);
@@ -141,5 +150,37 @@ fn on_state(ctx: &SockOpsContext) {
     }
     if let Some(key) = key_from_ctx!(ctx.ops) {
         let _ = QL_META.remove(&key);
+    }
+}
+
+/// A socket demoted to TCP by sk_msg leaves the sockhash here (sk_msg may not delete from a
+/// sockhash; sock_ops may), so its writes get plain TCP and its batching back. Only when
+/// nothing was ever redirected into it: removal frees the redirect queue with its contents.
+fn on_rtt(ctx: &SockOpsContext) {
+    let Some(key) = key_from_ctx!(ctx.ops) else {
+        return;
+    };
+    let Some(meta) = QL_META.get_ptr_mut(&key) else {
+        return;
+    };
+    // SAFETY: live element of a BPF_F_NO_PREALLOC hash.
+    let meta = unsafe { &mut *meta };
+    if meta.flags & (META_F_LEAVING | META_F_LEFT) != META_F_LEAVING {
+        return;
+    }
+    // SAFETY: aligned read of a live map value; pairs with the peer's atomic increment (see
+    // SockMeta::rx_redirects), and LEAVING was set at least one RTT ago.
+    let rx = unsafe { core::ptr::read_volatile(&raw const meta.rx_redirects) };
+    // SAFETY: deleting our own key from the sockhash; sock_ops is allowed to (sk_msg is not).
+    let removed = rx == 0
+        && unsafe {
+            bpf_map_delete_elem(
+                core::ptr::addr_of!(QL_SOCKS).cast_mut().cast(),
+                core::ptr::addr_of!(key).cast(),
+            )
+        } == 0;
+    if removed {
+        meta.flags |= META_F_LEFT;
+        count(c::SOCK_LEFT_MAP, 1);
     }
 }
