@@ -29,6 +29,10 @@ pub struct SockopsConfig {
 
 /// Record established sockets in the sockhash and redirect messages between same-node peers.
 pub const SOCKOPS_F_BYPASS: u32 = 1;
+/// sock_ops may call the current-cgroup helpers (not offered to sock_ops before ~6.8; the
+/// loader probes). Without it every socket's pod is "unknown" and the verifier, which sees
+/// this read-only flag as a constant, never sees the calls.
+pub const SOCKOPS_F_CGROUP_ORIGIN: u32 = 2;
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), Copy, no padding (asserted below).

@@ -6,6 +6,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod config;
 pub mod datapath;
+pub mod features;
 pub mod lock;
 pub mod paths;
 pub mod state;

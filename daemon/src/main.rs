@@ -34,10 +34,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Probe what this kernel offers the agent (program types, helpers, bpf_link kinds, sch_fq,
+    /// netkit, AF_XDP) by trying each, and report it.
+    Features {
+        #[arg(long)]
+        json: bool,
+    },
     /// quicklane's own TCP load generator (used by tests, benchmarks and the demo inside
     /// simulated pods).
     #[command(hide = true)]
     Loadgen(quicklane_bench::load::cli::LoadgenArgs),
+    /// Benchmark baseline against accelerated on a simulated node; writes JSON, Markdown and
+    /// SVG results, or checks a run against a stored one (--compare).
+    Bench(quicklane_bench::cli::BenchArgs),
     /// Show what is attached and the live counters.
     Status {
         /// Read pin_dir and run_dir from this config instead of the defaults.
@@ -76,6 +85,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             keep_datapath,
         } => agent::run(&config, keep_datapath)?,
         Command::Loadgen(args) => quicklane_bench::load::cli::run(args)?,
+        Command::Bench(args) => quicklane_bench::cli::run(args)?,
+        Command::Features { json } => {
+            let features = quicklane::features::Features::probe();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&features)?);
+            } else {
+                print!("{}", features.render_text());
+            }
+        }
         Command::Verify { json } => {
             let scratch = PinDir::new(format!(
                 "/sys/fs/bpf/quicklane-verify-{}",

@@ -11,7 +11,7 @@ use serde::Serialize;
 use quicklane_common::bypass::{FlowKey, Traffic};
 
 use crate::{
-    datapath::{open_pinned_map, pinned_names, rules::RulesSummary, Object},
+    datapath::{legacy, open_pinned_map, pinned_names, rules::RulesSummary, Object},
     paths::{PinDir, RunDir},
     state::AgentState,
 };
@@ -27,6 +27,8 @@ pub struct Status {
     pub rules: Option<RulesSummary>,
     /// What the bypass moved per pod (cgroup), by direction.
     pub bypass_pods: Vec<PodBypass>,
+    /// What this kernel offers the agent, probed now.
+    pub features: crate::features::Features,
 }
 
 #[derive(Debug, Serialize, Default, Clone, PartialEq, Eq)]
@@ -52,7 +54,9 @@ pub struct LinkStatus {
     pub pin: String,
     pub program: String,
     pub program_id: u32,
-    pub link_id: u32,
+    /// None for a legacy attachment (prog_attach, netlink filter), which has no link.
+    pub link_id: Option<u32>,
+    pub legacy: bool,
     pub target: Option<String>,
     pub adopted: Option<bool>,
 }
@@ -72,23 +76,32 @@ pub fn collect(pins: &PinDir, run: &RunDir) -> Result<Status, StatusError> {
         .map(|p| (p.id(), p.name_as_str().unwrap_or("?").to_owned()))
         .collect();
     let mut attachments = Vec::new();
-    for pin in pinned_names(&pins.links()) {
+    for file in pinned_names(&pins.links()) {
         let err = |message: String| StatusError::Link {
-            pin: pin.clone(),
+            pin: file.clone(),
             message,
         };
-        let link = PinnedLink::from_pin(pins.link(&pin)).map_err(|e| err(e.to_string()))?;
-        let info = FdLink::from(link).info().map_err(|e| err(e.to_string()))?;
+        let legacy_base = legacy::base_name(&file);
+        let (pin, program_id, link_id) = if let Some(base) = legacy_base {
+            let info =
+                legacy::Legacy::program_info(&pins.link(&file)).map_err(|e| err(e.to_string()))?;
+            (base.to_owned(), info.id(), None)
+        } else {
+            let link = PinnedLink::from_pin(pins.link(&file)).map_err(|e| err(e.to_string()))?;
+            let info = FdLink::from(link).info().map_err(|e| err(e.to_string()))?;
+            (file.clone(), info.program_id(), Some(info.id()))
+        };
         let known = state
             .as_ref()
             .and_then(|s| s.attachments.iter().find(|a| a.pin == pin));
         attachments.push(LinkStatus {
             program: programs
-                .get(&info.program_id())
+                .get(&program_id)
                 .cloned()
                 .unwrap_or_else(|| "?".to_owned()),
-            program_id: info.program_id(),
-            link_id: info.id(),
+            program_id,
+            link_id,
+            legacy: legacy_base.is_some(),
             target: known.map(|a| a.target.clone()),
             adopted: known.map(|a| a.adopted),
             pin,
@@ -121,6 +134,7 @@ pub fn collect(pins: &PinDir, run: &RunDir) -> Result<Status, StatusError> {
         pin_dir: pins.root().display().to_string(),
         attachments,
         counters,
+        features: crate::features::Features::probe(),
     })
 }
 
@@ -206,10 +220,11 @@ impl Status {
         for a in &self.attachments {
             let _ = writeln!(
                 s,
-                "  {:<28} {:<14} link {:<5} prog {:<5} {}{}",
+                "  {:<28} {:<14} link {:<6} prog {:<5} {}{}",
                 a.pin,
                 a.program,
-                a.link_id,
+                a.link_id
+                    .map_or_else(|| "legacy".to_owned(), |id| id.to_string()),
                 a.program_id,
                 a.target.as_deref().unwrap_or(""),
                 if a.adopted == Some(true) {
@@ -251,6 +266,7 @@ impl Status {
                 );
             }
         }
+        s.push_str(&self.features.render_summary());
         s
     }
 }

@@ -72,3 +72,39 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
     };
     bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
 }
+
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
+
+/// The prefix of `union bpf_attr` used by `BPF_PROG_ATTACH` / `BPF_PROG_DETACH`.
+#[repr(C)]
+#[derive(Default)]
+struct ProgAttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    _rest: [u64; 2],
+}
+
+/// Legacy attachment of an sk_msg program to a sockhash, for kernels without sockmap links:
+/// it lives in the map (which is pinned), not in any fd of ours.
+pub fn sk_msg_prog_attach(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> std::io::Result<()> {
+    let mut attr = ProgAttachAttr {
+        target_fd: map.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_SK_MSG_VERDICT,
+        ..ProgAttachAttr::default()
+    };
+    bpf(BPF_PROG_ATTACH, &mut attr).map(|_| ())
+}
+
+pub fn sk_msg_prog_detach(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> std::io::Result<()> {
+    let mut attr = ProgAttachAttr {
+        target_fd: map.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_SK_MSG_VERDICT,
+        ..ProgAttachAttr::default()
+    };
+    bpf(BPF_PROG_DETACH, &mut attr).map(|_| ())
+}

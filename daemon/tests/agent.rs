@@ -288,3 +288,68 @@ fn status_without_an_agent_says_nothing_is_attached() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("agent: not running; nothing attached"));
     node.teardown().unwrap();
 }
+
+#[test]
+fn legacy_attachments_count_traffic_are_readopted_and_detach_cleanly() {
+    if !privileged("legacy attachment test") {
+        return;
+    }
+    // Forces what kernels without sockmap links (< 6.10) or TCX (< 6.6) get.
+    let env = [("QUICKLANE_LEGACY_ATTACH", "1")];
+    let node = Node::new(2).unwrap();
+    let ifs: Vec<String> = node
+        .pods()
+        .iter()
+        .map(|p| format!("{:?}", p.host_ifname()))
+        .collect();
+    let config = write_config(
+        &node,
+        &format!("[tc]\nenabled = true\ninterfaces = [{}]\n", ifs.join(", ")),
+    );
+    let first = support::Agent::start_with_env(&node, &config, true, &env);
+    let s = status(&node);
+    for a in s["attachments"].as_array().unwrap() {
+        let legacy = a["pin"] == "sk_msg" || a["pin"].as_str().unwrap().starts_with("tc-");
+        assert_eq!(a["legacy"], legacy, "{a}");
+    }
+    let (a, b) = (node.pod(0), node.pod(1));
+    let _srv = server(b, "stream", 5101, 30, &[]);
+    let report = client(
+        a,
+        &format!("{}:5101", b.ipv4()),
+        "stream",
+        1,
+        &["--msg-size", "65536"],
+    );
+    assert_eq!(report["checksum_ok"], true, "{report:#}");
+    let s = status(&node);
+    assert!(counter(&s, "sockops", "msg_redirected") > 0, "{s:#}");
+    assert!(counter(&s, "tc", "egress_packets") > 0, "{s:#}");
+    let original = links(&s);
+
+    let (exit, log) = first.stop();
+    assert!(exit.success(), "{log}");
+    let second = support::Agent::start_with_env(&node, &config, false, &env);
+    let s = status(&node);
+    assert_eq!(links(&s), original, "same programs, re-adopted");
+    assert!(s["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|a| a["adopted"] == true));
+    let (exit, log) = second.stop();
+    assert!(exit.success(), "{log}");
+    assert!(!node.pin_dir().exists());
+    let filters = node
+        .command("tc")
+        .args(["filter", "show", "dev", "qlh0", "egress"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&filters.stdout).trim().is_empty(),
+        "tc filter left: {}",
+        String::from_utf8_lossy(&filters.stdout)
+    );
+    assert_unloaded(&original.iter().map(|l| l.2).collect::<Vec<_>>());
+    node.teardown().unwrap();
+}

@@ -1,7 +1,9 @@
-//! Developer and CI entry points: `cargo xtask setup | demo | test`.
+//! Developer and CI entry points: `cargo xtask setup | demo | test | bench | vm-test`.
+mod bench;
 mod demo;
 mod setup;
 mod test;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +29,22 @@ enum Command {
         /// Passed to `cargo test` as a test-name filter.
         filter: Option<String>,
     },
+    /// Setup, a release build, then `quicklane bench` with these flags, e.g.
+    /// `cargo xtask bench --scenario bypass --profile quick --out /tmp/qlbench`.
+    Bench {
+        /// Flags for `quicklane bench` (see `quicklane bench --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The kernel-matrix suite inside QEMU guests of other kernels (Debian 6.1 and 6.12).
+    /// Exit code 3 means a guest crashed or hung twice: an infrastructure failure.
+    VmTest {
+        #[arg(long, value_enum, default_value = "all")]
+        kernel: vm::KernelArg,
+        /// Test-name filter for the suite, after `--`.
+        #[arg(last = true)]
+        filter: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +57,14 @@ fn main() -> anyhow::Result<()> {
         Command::Test { filter } => {
             setup::run()?;
             test::run(filter.as_deref())
+        }
+        Command::Bench { args } => {
+            setup::run()?;
+            bench::run(&args)
+        }
+        Command::VmTest { kernel, filter } => {
+            setup::run()?;
+            vm::run(kernel, filter.as_deref())
         }
     }
 }

@@ -24,7 +24,15 @@ const APT_PACKAGES: &[&str] = &[
     "qperf",
     "sockperf",
     "bpftool",
+    // The VM runner (`cargo xtask vm-test`): the guest's initramfs shell, depmod and modprobe
+    // for the unpacked kernels, and the kernel images' decompressors.
+    "busybox-static",
+    "kmod",
+    "xz-utils",
+    "zstd",
 ];
+/// QEMU comes from bookworm-backports: bookworm's 7.2 would replace the image's qemu-utils 10.
+const BACKPORTS_PACKAGES: &[&str] = &["qemu-system-x86"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> Result<()> {
@@ -33,6 +41,7 @@ pub fn run() -> Result<()> {
         "setup needs root (apt-get, bpffs mount); run as root"
     );
     apt()?;
+    backports()?;
     bpf_linker()?;
     bpffs()?;
     eprintln!("setup: ok");
@@ -63,6 +72,23 @@ fn apt() -> Result<()> {
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing),
     )
+}
+
+/// Through the VM runner's private apt configuration, so /etc/apt stays as it is.
+fn backports() -> Result<()> {
+    let missing: Vec<&str> = BACKPORTS_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing {} from bookworm-backports",
+        missing.join(" ")
+    );
+    crate::vm::apt::PrivateApt::new()?.install_from_backports(&missing)
 }
 
 fn bpf_linker() -> Result<()> {

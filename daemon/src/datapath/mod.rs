@@ -1,31 +1,23 @@
 //! Loading quicklane's BPF objects, attaching what the config asks for, pinning it all under
 //! the pin directory, and re-adopting pins a previous agent left behind.
+mod attach;
+pub mod legacy;
 mod objects;
 mod plan;
 pub mod rules;
 
 use std::{
     collections::BTreeMap,
-    fs::File,
-    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
-use aya::{
-    maps::{Map, MapData},
-    programs::{
-        links::{FdLink, PinnedLink},
-        xdp::XdpMode as AyaXdpMode,
-        CgroupAttachMode, SchedClassifier, SkMsg, SockOps, TcAttachType, Xdp,
-    },
-    Ebpf, EbpfLoader,
-};
+use aya::{maps::MapData, programs::links::PinnedLink, Ebpf, EbpfLoader};
 pub use objects::Object;
-use plan::{Attachment, Target};
-use quicklane_common::{SockopsConfig, ABI_VERSION, SOCKOPS_F_BYPASS};
+use plan::Attachment;
+use quicklane_common::{SockopsConfig, ABI_VERSION, SOCKOPS_F_BYPASS, SOCKOPS_F_CGROUP_ORIGIN};
 use serde::Serialize;
 
-use crate::{config::Config, config::XdpMode, paths::PinDir, sys};
+use crate::{config::Config, paths::PinDir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -93,9 +85,43 @@ const RULES_STATE_MAP: &str = "QL_RULES_STATE";
 #[derive(Debug)]
 pub struct Datapath {
     pins: PinDir,
-    links: BTreeMap<String, PinnedLink>,
+    links: BTreeMap<String, Held>,
     report: Vec<AttachmentReport>,
     rules: Option<rules::RulesSummary>,
+}
+
+/// What keeps one attachment in place: a pinned bpf_link, or (kernels without that link kind)
+/// a legacy attachment marked by its pinned program.
+#[derive(Debug)]
+pub(super) enum Held {
+    Link(PinnedLink),
+    Legacy(legacy::Legacy),
+}
+
+impl Held {
+    fn adopt(pins: &PinDir, name: &str) -> Result<Option<Self>, DatapathError> {
+        let link = pins.link(name);
+        if link.exists() {
+            return PinnedLink::from_pin(&link)
+                .map(|l| Some(Self::Link(l)))
+                .map_err(|e| pin_err(&link, e));
+        }
+        if pins.link(&legacy::pin_name(name)).exists() {
+            return legacy::Legacy::from_pin(name, pins).map(|l| Some(Self::Legacy(l)));
+        }
+        Ok(None)
+    }
+
+    /// Detaches and removes the pin.
+    fn release(self, pins: &PinDir, name: &str) -> Result<(), DatapathError> {
+        match self {
+            Self::Link(link) => {
+                let path = pins.link(name);
+                link.unpin().map(drop).map_err(|e| pin_err(&path, e))
+            }
+            Self::Legacy(l) => l.detach(pins),
+        }
+    }
 }
 
 impl Datapath {
@@ -132,6 +158,18 @@ impl Datapath {
         if !config.bypass.enabled {
             return Ok(());
         }
+        let cgroup_rules =
+            !config.bypass.include_cgroups.is_empty() || !config.bypass.exclude_cgroups.is_empty();
+        if cgroup_rules && !cgroup_origin_supported() {
+            return Err(DatapathError::Rule {
+                key: "bypass.include_cgroups/exclude_cgroups",
+                value: "set".to_owned(),
+                message: "this kernel does not offer the current-cgroup helpers to sock_ops \
+                          (see `quicklane features`), so sockets cannot be told apart by pod; \
+                          use include_cidrs/exclude_cidrs instead"
+                    .to_owned(),
+            });
+        }
         if !self.pins.map(RULES_STATE_MAP).exists() {
             // Loading the object creates (and pins) its maps.
             loaded.get(Object::Sockops, config, &self.pins)?;
@@ -166,13 +204,13 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         let this = self;
         for att in wanted {
-            let path = this.pins.link(&att.pin_name);
-            let adopted = path.exists();
-            let link = if adopted {
-                PinnedLink::from_pin(&path).map_err(|e| pin_err(&path, e))?
+            let found = Held::adopt(&this.pins, &att.pin_name)?;
+            let adopted = found.is_some();
+            let link = if let Some(held) = found {
+                held
             } else {
                 let obj = loaded.get(att.object, config, &this.pins)?;
-                attach(obj, att, &path)?
+                attach::attach(obj, att, &this.pins)?
             };
             tracing::info!(pin = %att.pin_name, program = att.program, target = %att.target.describe(), adopted, "attached");
             this.report.push(AttachmentReport {
@@ -191,8 +229,8 @@ impl Datapath {
     fn undo_partial_start(&mut self) {
         let adopted_any = self.report.iter().any(|r| r.adopted);
         for r in self.report.iter().filter(|r| !r.adopted) {
-            if let Some(link) = self.links.remove(&r.pin) {
-                if let Err(e) = link.unpin() {
+            if let Some(held) = self.links.remove(&r.pin) {
+                if let Err(e) = held.release(&self.pins, &r.pin) {
                     tracing::warn!(pin = %r.pin, "undoing a failed start: {e}");
                 }
             }
@@ -209,14 +247,15 @@ impl Datapath {
     }
 
     fn detach_unwanted(&self, wanted: &[Attachment]) -> Result<(), DatapathError> {
-        for name in pinned_names(&self.pins.links()) {
+        for file in pinned_names(&self.pins.links()) {
+            let name = legacy::base_name(&file).unwrap_or(&file);
             if wanted.iter().any(|a| a.pin_name == name) {
                 continue;
             }
-            let path = self.pins.link(&name);
-            let link = PinnedLink::from_pin(&path).map_err(|e| pin_err(&path, e))?;
-            link.unpin().map_err(|e| pin_err(&path, e))?;
-            tracing::info!(pin = %name, "detached a pinned link the configuration no longer wants");
+            if let Some(held) = Held::adopt(&self.pins, name)? {
+                held.release(&self.pins, name)?;
+            }
+            tracing::info!(pin = %name, "detached an attachment the configuration no longer wants");
         }
         Ok(())
     }
@@ -228,9 +267,8 @@ impl Datapath {
             tracing::info!(pin_dir = %self.pins.root().display(), "leaving the datapath attached for the next agent");
             return Ok(());
         }
-        for (name, link) in self.links {
-            let path = self.pins.link(&name);
-            link.unpin().map_err(|e| pin_err(&path, e))?;
+        for (name, held) in self.links {
+            held.release(&self.pins, &name)?;
         }
         remove_pins(&self.pins)?;
         tracing::info!("detached all programs and removed the pins");
@@ -277,7 +315,7 @@ pub fn pinned_names(dir: &Path) -> Vec<String> {
     names
 }
 
-fn pin_err(path: &Path, e: impl std::fmt::Display) -> DatapathError {
+pub(crate) fn pin_err(path: &Path, e: impl std::fmt::Display) -> DatapathError {
     DatapathError::Pin {
         path: path.to_owned(),
         message: e.to_string(),
@@ -304,11 +342,29 @@ impl Loaded {
     }
 }
 
+/// Whether sock_ops may ask for the current cgroup; probed by loading, as kernels differ.
+fn cgroup_origin_supported() -> bool {
+    use aya::{
+        programs::ProgramType,
+        sys::{is_helper_supported, BpfHelper},
+    };
+    [
+        BpfHelper::BPF_FUNC_get_current_cgroup_id,
+        BpfHelper::BPF_FUNC_get_current_ancestor_cgroup_id,
+    ]
+    .into_iter()
+    .all(|h| is_helper_supported(ProgramType::SockOps, h).unwrap_or(false))
+}
+
 pub fn load(object: Object, config: &Config, pins: &PinDir) -> Result<Ebpf, DatapathError> {
     let sockops_config = SockopsConfig {
         abi_version: ABI_VERSION,
         flags: if config.bypass.enabled {
             SOCKOPS_F_BYPASS
+        } else {
+            0
+        } | if cgroup_origin_supported() {
+            SOCKOPS_F_CGROUP_ORIGIN
         } else {
             0
         },
@@ -330,131 +386,6 @@ pub fn load(object: Object, config: &Config, pins: &PinDir) -> Result<Ebpf, Data
             object: object.name(),
             source,
         })
-}
-
-/// One program may serve several attachments (tc on many interfaces); load it only once.
-macro_rules! load_once {
-    ($prog:expr, $err:expr) => {
-        if $prog.fd().is_err() {
-            $prog.load().map_err($err)?;
-        }
-    };
-}
-
-fn attach(ebpf: &mut Ebpf, att: &Attachment, pin: &Path) -> Result<PinnedLink, DatapathError> {
-    let program = att.program;
-    let fail = |message: String| DatapathError::Attach {
-        program,
-        target: att.target.describe(),
-        message,
-    };
-    let loaded = |source| DatapathError::ProgramLoad { program, source };
-    let link: FdLink = match &att.target {
-        Target::Cgroup(path) => {
-            let cgroup = File::open(path).map_err(|source| DatapathError::Cgroup {
-                path: path.clone(),
-                source,
-            })?;
-            let prog: &mut SockOps = program_mut(ebpf, att)?;
-            load_once!(prog, loaded);
-            // A cgroup bpf_link always coexists with other programs; the kernel refuses
-            // BPF_F_ALLOW_MULTI on link_create, so Single is the right mode here.
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| fail(chain(&e)))?;
-            fd_link(prog.take_link(id)).map_err(fail)?
-        }
-        Target::Sockhash => {
-            let map_fd = {
-                let map = ebpf.map("QL_SOCKS").ok_or(DatapathError::MissingProgram {
-                    object: att.object.name(),
-                    program: "QL_SOCKS",
-                })?;
-                let Map::SockHash(data) = map else {
-                    return Err(fail("QL_SOCKS is not a sockhash".to_owned()));
-                };
-                data.fd()
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(|e| fail(chain(&e)))?
-            };
-            let prog: &mut SkMsg = program_mut(ebpf, att)?;
-            load_once!(prog, loaded);
-            let prog_fd = prog.fd().map_err(|e| fail(chain(&e)))?;
-            let link = sys::sk_msg_link_create(prog_fd.as_fd(), map_fd.as_fd())
-                .map_err(|e| fail(format!("{e}; sk_msg links need kernel >= 6.10")))?;
-            sys::obj_pin(link.as_fd(), pin).map_err(|e| pin_err(pin, e))?;
-            return PinnedLink::from_pin(pin).map_err(|e| pin_err(pin, e));
-        }
-        Target::TcEgress { ifname, .. } | Target::TcIngress { ifname, .. } => {
-            let kind = if matches!(att.target, Target::TcEgress { .. }) {
-                TcAttachType::Egress
-            } else {
-                TcAttachType::Ingress
-            };
-            let prog: &mut SchedClassifier = program_mut(ebpf, att)?;
-            load_once!(prog, loaded);
-            let id = prog.attach(ifname, kind).map_err(|e| fail(chain(&e)))?;
-            fd_link(prog.take_link(id))
-                .map_err(|e| fail(format!("{e}; pinnable tc links need TCX (kernel >= 6.6)")))?
-        }
-        Target::Xdp { ifname, mode, .. } => {
-            let flags = match mode {
-                XdpMode::Auto => AyaXdpMode::Default,
-                XdpMode::Skb => AyaXdpMode::Skb,
-                XdpMode::Native => AyaXdpMode::Driver,
-            };
-            let prog: &mut Xdp = program_mut(ebpf, att)?;
-            load_once!(prog, loaded);
-            let id = prog.attach(ifname, flags).map_err(|e| {
-                let hint = if *mode == XdpMode::Native {
-                    "; the driver may have no native XDP: set xdp.mode = \"skb\""
-                } else {
-                    ""
-                };
-                fail(format!("{e}{hint}"))
-            })?;
-            fd_link(prog.take_link(id)).map_err(fail)?
-        }
-    };
-    link.pin(pin).map_err(|e| pin_err(pin, e))
-}
-
-/// An error with its sources: aya's `SyscallError` keeps the errno in its source.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    s
-}
-
-/// A freshly attached link as a pinnable fd link; legacy (non-link) attachments are refused.
-fn fd_link<L>(taken: Result<L, aya::programs::ProgramError>) -> Result<FdLink, String>
-where
-    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
-{
-    let link = taken.map_err(|e| chain(&e))?;
-    FdLink::try_from(link)
-        .map_err(|e| format!("{e}: the kernel gave a legacy attachment, not a bpf_link"))
-}
-
-fn program_mut<'a, T>(ebpf: &'a mut Ebpf, att: &Attachment) -> Result<&'a mut T, DatapathError>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
-{
-    let missing = DatapathError::MissingProgram {
-        object: att.object.name(),
-        program: att.program,
-    };
-    let prog = ebpf.program_mut(att.program).ok_or(missing)?;
-    prog.try_into().map_err(|_| DatapathError::MissingProgram {
-        object: att.object.name(),
-        program: att.program,
-    })
 }
 
 /// One program that passed the verifier, for `quicklane verify`.

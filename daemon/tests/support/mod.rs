@@ -38,7 +38,17 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(node: &Node, config: &Path, keep_datapath: bool) -> Self {
+        Self::start_with_env(node, config, keep_datapath, &[])
+    }
+
+    pub fn start_with_env(
+        node: &Node,
+        config: &Path,
+        keep_datapath: bool,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut cmd = node.command(QUICKLANE);
+        cmd.envs(env.iter().copied());
         cmd.args(["run", "--config"]).arg(config);
         if keep_datapath {
             cmd.arg("--keep-datapath");
@@ -130,7 +140,8 @@ pub fn links(status: &Value) -> Vec<(String, u64, u64)> {
         .map(|a| {
             (
                 a["pin"].as_str().unwrap().to_owned(),
-                a["link_id"].as_u64().unwrap(),
+                // Legacy attachments have no link: 0.
+                a["link_id"].as_u64().unwrap_or(0),
                 a["program_id"].as_u64().unwrap(),
             )
         })

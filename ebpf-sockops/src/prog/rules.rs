@@ -7,14 +7,18 @@ use quicklane_common::{
         RULES_F_CIDR_INCLUDES, RULES_F_PORT_INCLUDES, RULE_EXCLUDE, RULE_INCLUDE,
     },
     sock::{SockKey, AF_INET},
+    SOCKOPS_F_CGROUP_ORIGIN,
 };
 
-use super::maps::{QL_CGROUP_RULES, QL_CIDR4_RULES, QL_CIDR6_RULES, QL_PORT_RULES};
+use super::maps::{config_flags, QL_CGROUP_RULES, QL_CIDR4_RULES, QL_CIDR6_RULES, QL_PORT_RULES};
 
 /// The current task's cgroup and the nearest ancestor (or itself) that carries a rule. Only
 /// meaningful where the current task owns the socket: connect() and listen().
 #[inline(always)]
 pub fn current_origin() -> Origin {
+    if config_flags() & SOCKOPS_F_CGROUP_ORIGIN == 0 {
+        return Origin::default();
+    }
     let cgroup_id = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
     let mut rule_cgroup = 0;
     let mut level = MAX_CGROUP_LEVEL;

@@ -1,0 +1,785 @@
+//! The bypass scenario: what the same-node TCP bypass buys where it applies, and what it
+//! costs where it does not.
+//!
+//! Topology: a simulated node with two pods. Servers (qperf, sockperf, the load generator)
+//! run in pod1 for the whole run; an iperf3 server runs in the node's host namespace in a
+//! cgroup outside the node's, as a peer on another node would be. Paths:
+//!
+//! - `pod-to-pod`: client in pod0, server in pod1, routed through the node's veths;
+//! - `loopback`: client and server both in pod1, over 127.0.0.1;
+//! - `non-eligible`: client in pod0 (its socket is in the bypassed cgroup), server outside,
+//!   so every message goes through sk_msg and misses the map: the hooks' pure cost.
+//!
+//! Each repetition runs every step once without the agent (baseline) and once with it
+//! (accelerated), back to back, in alternating order. The agent is started before and
+//! stopped after each accelerated block rather than kept on a second node: one node means
+//! the same veths, cgroups, servers and CPU placement for both modes, so the only difference
+//! is the attached datapath; starting it costs well under a second per block.
+
+use std::ffi::OsStr;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use simnode::Node;
+
+use super::{mode_order, Context, Overrides, Profile};
+use crate::cpu::{self, CpuMeter};
+use crate::error::Error;
+use crate::host::Host;
+use crate::load::{self, Report};
+use crate::progress::Progress;
+use crate::results::{AgentBlock, Better, Figure, Mode, Ratio, Results, Settings, Target};
+use crate::testbed::{self, Agent, OutsideCgroup, Place, Recorder};
+use crate::tools::{iperf3, qperf, sockperf};
+
+const QPERF_PORT: u16 = 19765;
+const SOCKPERF_PORT: u16 = 11111;
+const RR_PORT: u16 = 5001;
+const CONNECT_PORT: u16 = 5002;
+const IPERF3_PORT: u16 = 5201;
+/// Request/response size for sockperf and the load generator: a typical small RPC.
+const PING_SIZE: u64 = 64;
+/// The bypass issue's message sizes: 1 B to 64 KiB in x4 steps.
+const ALL_SIZES: [u64; 9] = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536];
+/// The agent's start and stop per accelerated block, for the time estimate.
+const AGENT_SECS: f64 = 0.6;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    PodToPod,
+    Loopback,
+    NonEligible,
+}
+
+impl Path {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PodToPod => "pod-to-pod",
+            Self::Loopback => "loopback",
+            Self::NonEligible => "non-eligible",
+        }
+    }
+}
+
+/// What a run measures and for how long.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub profile: Profile,
+    pub reps: usize,
+    /// qperf message sizes, pod to pod.
+    pub pod_sizes: Vec<u64>,
+    /// qperf message sizes over loopback.
+    pub loopback_sizes: Vec<u64>,
+    pub sockperf_paths: Vec<Path>,
+    pub qperf_secs: u32,
+    pub sockperf_secs: u32,
+    pub iperf3_secs: u32,
+    pub loadgen_secs: f64,
+}
+
+impl Plan {
+    pub fn new(profile: Profile, overrides: &Overrides) -> Self {
+        let mut plan = match profile {
+            // About 100 s on a 2-CPU machine: three sizes pod to pod (small, the 4 KiB
+            // threshold, large), both ends of the range over loopback, sockperf pod to pod.
+            Profile::Quick => Self {
+                profile,
+                reps: 3,
+                pod_sizes: vec![64, 4096, 65536],
+                loopback_sizes: vec![64, 65536],
+                sockperf_paths: vec![Path::PodToPod],
+                qperf_secs: 1,
+                sockperf_secs: 1,
+                iperf3_secs: 1,
+                loadgen_secs: 0.5,
+            },
+            Profile::Full => Self {
+                profile,
+                reps: 5,
+                pod_sizes: ALL_SIZES.to_vec(),
+                loopback_sizes: ALL_SIZES.to_vec(),
+                sockperf_paths: vec![Path::PodToPod, Path::Loopback],
+                qperf_secs: 1,
+                sockperf_secs: 2,
+                iperf3_secs: 2,
+                loadgen_secs: 1.0,
+            },
+        };
+        if let Some(reps) = overrides.reps {
+            plan.reps = reps;
+        }
+        if let Some(sizes) = &overrides.sizes {
+            plan.pod_sizes.clone_from(sizes);
+            plan.loopback_sizes.clone_from(sizes);
+        }
+        if let Some(secs) = overrides.seconds {
+            let whole = secs.ceil().max(1.0) as u32;
+            plan.qperf_secs = whole;
+            plan.sockperf_secs = whole;
+            plan.iperf3_secs = whole;
+            plan.loadgen_secs = secs;
+        }
+        plan
+    }
+
+    /// One repetition's steps for one mode, in the order they run.
+    fn steps(&self) -> Vec<Step> {
+        let mut steps = Vec::new();
+        for (path, sizes) in [
+            (Path::PodToPod, &self.pod_sizes),
+            (Path::Loopback, &self.loopback_sizes),
+        ] {
+            for &size in sizes {
+                steps.push(Step::Qperf(qperf::Test::TcpLat, path, size));
+                steps.push(Step::Qperf(qperf::Test::TcpBw, path, size));
+            }
+        }
+        steps.extend(self.sockperf_paths.iter().map(|&p| Step::Sockperf(p)));
+        steps.extend([Step::Rr, Step::Connect, Step::NonEligible]);
+        steps
+    }
+
+    fn step_secs(&self, step: &Step) -> f64 {
+        // Measured here: a qperf run takes its -t plus a few ms, iperf3 its -t plus ~0.1 s,
+        // the load generator its duration plus process start.
+        match step {
+            Step::Qperf(..) => f64::from(self.qperf_secs) + 0.05,
+            Step::Sockperf(_) => f64::from(self.sockperf_secs) + sockperf::OVERHEAD_SECS,
+            Step::Rr | Step::Connect => self.loadgen_secs + 0.1,
+            Step::NonEligible => f64::from(self.iperf3_secs) + 0.15,
+        }
+    }
+
+    /// Planned seconds for the whole run.
+    pub fn estimate(&self) -> f64 {
+        let block: f64 = self.steps().iter().map(|s| self.step_secs(s)).sum();
+        self.reps as f64 * (2.0 * block + AGENT_SECS)
+    }
+
+    fn settings(&self, command: &str) -> Settings {
+        let mut sizes = self.pod_sizes.clone();
+        sizes.extend(&self.loopback_sizes);
+        sizes.sort_unstable();
+        sizes.dedup();
+        Settings {
+            reps: self.reps,
+            msg_sizes: sizes,
+            seconds: [
+                ("qperf", f64::from(self.qperf_secs)),
+                ("sockperf", f64::from(self.sockperf_secs)),
+                ("iperf3", f64::from(self.iperf3_secs)),
+                ("loadgen", self.loadgen_secs),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+            order: (0..self.reps).map(mode_order).collect(),
+            command: command.to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Qperf(qperf::Test, Path, u64),
+    Sockperf(Path),
+    /// The load generator's request/response latency, pod to pod.
+    Rr,
+    /// The load generator's connect rate, pod to pod.
+    Connect,
+    /// iperf3 to the peer outside the node's cgroup.
+    NonEligible,
+}
+
+impl Step {
+    fn label(&self) -> String {
+        match self {
+            Self::Qperf(test, path, size) => format!(
+                "qperf {} {} {}",
+                test.name(),
+                crate::results::size_label(*size),
+                path.name()
+            ),
+            Self::Sockperf(path) => format!("sockperf ping-pong 64 B {}", path.name()),
+            Self::Rr => "loadgen rr 64 B pod-to-pod".into(),
+            Self::Connect => "loadgen connect rate pod-to-pod".into(),
+            Self::NonEligible => "iperf3 non-eligible".into(),
+        }
+    }
+}
+
+/// One number from one step.
+#[derive(Debug, Clone, PartialEq)]
+struct Sample {
+    metric: String,
+    msg_size: Option<u64>,
+    unit: &'static str,
+    value: f64,
+    target: Target,
+}
+
+const NOT_WORSE: &str = "no target in the issue: not worse than baseline";
+
+fn target(better: Better, value: f64, source: &'static str) -> Target {
+    Target {
+        better,
+        value,
+        source,
+    }
+}
+
+/// What the run has collected so far, in first-seen order.
+#[derive(Debug, Default)]
+struct Collected {
+    series: Vec<(Sample, Mode, Vec<f64>)>,
+}
+
+impl Collected {
+    fn add(&mut self, sample: Sample, mode: Mode) {
+        let value = sample.value;
+        match self.series.iter_mut().find(|(s, m, _)| {
+            *m == mode && s.metric == sample.metric && s.msg_size == sample.msg_size
+        }) {
+            Some((_, _, values)) => values.push(value),
+            None => self.series.push((sample, mode, vec![value])),
+        }
+    }
+
+    fn figures_and_ratios(&self) -> (Vec<Figure>, Vec<Ratio>) {
+        let figure = |(s, mode, values): &(Sample, Mode, Vec<f64>)| {
+            Figure::new(&s.metric, s.msg_size, *mode, s.unit, values.clone())
+        };
+        let figures: Vec<Figure> = self.series.iter().filter_map(figure).collect();
+        let ratios = self
+            .series
+            .iter()
+            .filter(|(_, mode, _)| *mode == Mode::Baseline)
+            .filter_map(|(s, _, _)| {
+                let find = |mode| {
+                    figures.iter().find(|f| {
+                        f.mode == mode && f.metric == s.metric && f.msg_size == s.msg_size
+                    })
+                };
+                Ratio::between(find(Mode::Baseline)?, find(Mode::Accelerated)?, s.target)
+            })
+            .collect();
+        (figures, ratios)
+    }
+}
+
+/// The fixed parts of a run: node, servers' addresses, the agent's config.
+struct Bench<'a> {
+    ctx: &'a Context,
+    plan: &'a Plan,
+    node: &'a Node,
+    outside: &'a OutsideCgroup,
+    rec: Recorder,
+}
+
+pub fn run(plan: &Plan, ctx: &Context) -> Result<Results, Error> {
+    if plan.reps == 0 {
+        return Err(Error::Usage("--reps must be at least 1".into()));
+    }
+    testbed::require_tools(&["qperf", "iperf3", "sockperf"])?;
+    let host = Host::collect(&[
+        ("qperf", "--version"),
+        ("iperf3", "--version"),
+        ("sockperf", "--version"),
+    ]);
+    let node = Node::new(2)?;
+    let outside = OutsideCgroup::create(&node)?;
+    let mut bench = Bench {
+        ctx,
+        plan,
+        node: &node,
+        outside: &outside,
+        rec: Recorder::new(&ctx.out_dir)?,
+    };
+    let progress = Progress::new(plan.estimate(), plan.reps * 2 * plan.steps().len());
+    let outcome = bench.measure(progress);
+    let commands = std::mem::take(&mut bench.rec.commands);
+    // The outside cgroup's server is gone with `measure`'s guards; remove the cgroup before
+    // the node, then tear the node down and report what could not be removed.
+    drop(outside);
+    let teardown = node.teardown();
+    let (collected, agent, mut notes, wall) = outcome?;
+    teardown?;
+
+    let (results, ratios) = collected.figures_and_ratios();
+    if host.loadavg[0] > host.cpus as f64 / 2.0 {
+        notes.push(format!(
+            "the machine was busy when the run started (load average {:.2} on {} CPUs): \
+             expect more noise than usual",
+            host.loadavg[0], host.cpus
+        ));
+    }
+    Ok(Results {
+        scenario: "bypass".into(),
+        profile: plan.profile.name().into(),
+        settings: plan.settings(&ctx.command_line),
+        host,
+        wall_seconds: wall,
+        results,
+        ratios,
+        agent,
+        notes,
+        commands,
+    })
+}
+
+type Measured = (Collected, Vec<AgentBlock>, Vec<String>, f64);
+
+impl Bench<'_> {
+    fn measure(&mut self, mut progress: Progress) -> Result<Measured, Error> {
+        let server_pod = self.node.pod(1);
+        let exe = self.ctx.exe.clone();
+        let exe = exe.as_os_str();
+        // Servers outlive every step: their lifetime bounds the whole run, with room to spare.
+        let lifetime = format!("{:.0}", self.plan.estimate() * 3.0 + 600.0);
+        let pod1 = Place::Pod(server_pod);
+        let _qperf = self
+            .rec
+            .server(pod1, OsStr::new("qperf"), &[], QPERF_PORT, "qperf-server")?;
+        let _sockperf = self.rec.server(
+            pod1,
+            OsStr::new("sockperf"),
+            &sockperf::server_args(SOCKPERF_PORT),
+            SOCKPERF_PORT,
+            "sockperf-server",
+        )?;
+        let loadgen_server = |port: u16, mode: &[&str]| {
+            let mut args: Vec<String> = ["loadgen", "server", "--listen"]
+                .into_iter()
+                .map(String::from)
+                .collect();
+            args.push(format!("[::]:{port}"));
+            args.extend(mode.iter().map(|s| (*s).to_owned()));
+            args.extend(["--duration".into(), lifetime.clone()]);
+            args
+        };
+        let ping = PING_SIZE.to_string();
+        let _rr = self.rec.server(
+            pod1,
+            exe,
+            &loadgen_server(RR_PORT, &["--mode", "rr", "--msg-size", &ping]),
+            RR_PORT,
+            "loadgen-rr-server",
+        )?;
+        let _connect = self.rec.server(
+            pod1,
+            exe,
+            &loadgen_server(CONNECT_PORT, &["--mode", "connect"]),
+            CONNECT_PORT,
+            "loadgen-connect-server",
+        )?;
+        let _iperf3 = self.rec.server(
+            Place::Outside(self.node, self.outside),
+            OsStr::new("iperf3"),
+            &["-s".into(), "-p".into(), IPERF3_PORT.to_string()],
+            IPERF3_PORT,
+            "iperf3-server",
+        )?;
+        let config = testbed::write_agent_config(self.node)?;
+
+        // Resolves the neighbours on both veths and warms the paths; not a sample.
+        self.rr(Mode::Baseline, None, 0.2)?;
+
+        let steps = self.plan.steps();
+        let mut collected = Collected::default();
+        let mut agent_blocks = Vec::new();
+        let mut notes = Vec::new();
+        for rep in 0..self.plan.reps {
+            for mode in mode_order(rep) {
+                let agent = match mode {
+                    Mode::Accelerated => Some(Agent::start(
+                        self.node,
+                        &self.ctx.exe,
+                        &config,
+                        &mut self.rec,
+                    )?),
+                    Mode::Baseline => None,
+                };
+                for step in &steps {
+                    progress.begin(rep, self.plan.reps, mode, &step.label());
+                    for sample in self.step(step, mode, rep)? {
+                        collected.add(sample, mode);
+                    }
+                    progress.end(self.plan.step_secs(step));
+                }
+                if let Some(agent) = agent {
+                    let counters = agent.counters(self.node, &self.ctx.exe)?;
+                    agent.stop()?;
+                    if counters.get("sockops.msg_redirected").copied().unwrap_or(0) == 0 {
+                        notes.push(format!(
+                            "repetition {}: the agent redirected no messages, so the \
+                             accelerated figures of this repetition are the normal path",
+                            rep + 1
+                        ));
+                    }
+                    agent_blocks.push(AgentBlock { rep, counters });
+                }
+            }
+        }
+        Ok((
+            collected,
+            agent_blocks,
+            notes,
+            progress.elapsed().as_secs_f64(),
+        ))
+    }
+
+    fn step(&mut self, step: &Step, mode: Mode, rep: usize) -> Result<Vec<Sample>, Error> {
+        match *step {
+            Step::Qperf(test, path, size) => self.qperf(test, path, size, mode, rep),
+            Step::Sockperf(path) => self.sockperf(path, mode, rep),
+            Step::Rr => self.rr(mode, Some(rep), self.plan.loadgen_secs),
+            Step::Connect => self.connect(mode, rep),
+            Step::NonEligible => self.non_eligible(mode, rep),
+        }
+    }
+
+    fn timeout(&self, step: &Step) -> Duration {
+        Duration::from_secs_f64(self.plan.step_secs(step) * 3.0 + 15.0)
+    }
+
+    fn qperf(
+        &mut self,
+        test: qperf::Test,
+        path: Path,
+        size: u64,
+        mode: Mode,
+        rep: usize,
+    ) -> Result<Vec<Sample>, Error> {
+        let (place, host) = endpoints(self.node, path);
+        let secs = self.plan.qperf_secs;
+        let meter = CpuMeter::new([self.node.cgroup_dir()]);
+        let cpu_before = meter.seconds()?;
+        let timeout = self.timeout(&Step::Qperf(test, path, size));
+        let out = self.rec.run(
+            place,
+            OsStr::new("qperf"),
+            &qperf::client_args(host, secs, size, test),
+            timeout,
+            (Some(rep), mode),
+        )?;
+        let cpu_s = meter.seconds()? - cpu_before;
+        let what = format!("qperf {} at {size} B {}", test.name(), path.name());
+        let blocks = qperf::parse(&out)?;
+        let [block] = blocks.as_slice() else {
+            return Err(bad(
+                &what,
+                format!("{} result blocks instead of 1", blocks.len()),
+            ));
+        };
+        if block.test != test.name() || block.msg_size.is_some_and(|m| m != size) {
+            return Err(bad(
+                &what,
+                format!("qperf ran {} at {:?} B", block.test, block.msg_size),
+            ));
+        }
+        let metric = |measure: &str| format!("qperf.{measure}.{}", path.name());
+        match test {
+            qperf::Test::TcpLat => {
+                let us = block
+                    .latency_us
+                    .ok_or_else(|| bad(&what, "no latency".into()))?;
+                Ok(vec![Sample {
+                    metric: metric("tcp_lat"),
+                    msg_size: Some(size),
+                    unit: "us",
+                    value: positive(&what, us)?,
+                    target: target(
+                        Better::Lower,
+                        0.45,
+                        "bypass issue: latency <= 0.45x at every size",
+                    ),
+                }])
+            }
+            qperf::Test::TcpBw => {
+                let mb_s = block
+                    .bandwidth_mb_s
+                    .ok_or_else(|| bad(&what, "no bandwidth".into()))?;
+                let bytes = mb_s * 1e6 * block.time_s.unwrap_or(f64::from(secs));
+                let cpu = cpu::per_gbit(cpu_s, bytes)
+                    .ok_or_else(|| bad(&what, format!("no CPU time measured ({cpu_s} s)")))?;
+                let bw_target = if size >= 4096 {
+                    target(
+                        Better::Higher,
+                        1.8,
+                        "bypass issue: throughput >= 1.8x at 4 KiB and above",
+                    )
+                } else {
+                    target(
+                        Better::Higher,
+                        1.0,
+                        "bypass issue: throughput >= 1.0x at every size",
+                    )
+                };
+                Ok(vec![
+                    Sample {
+                        metric: metric("tcp_bw"),
+                        msg_size: Some(size),
+                        unit: "MB/s",
+                        value: positive(&what, mb_s)?,
+                        target: bw_target,
+                    },
+                    Sample {
+                        metric: metric("tcp_bw_cpu"),
+                        msg_size: Some(size),
+                        unit: "CPU-s/Gbit",
+                        value: cpu,
+                        target: target(Better::Lower, 1.0, NOT_WORSE),
+                    },
+                ])
+            }
+        }
+    }
+
+    fn sockperf(&mut self, path: Path, mode: Mode, rep: usize) -> Result<Vec<Sample>, Error> {
+        let (place, host) = endpoints(self.node, path);
+        let timeout = self.timeout(&Step::Sockperf(path));
+        let out = self.rec.run(
+            place,
+            OsStr::new("sockperf"),
+            &sockperf::ping_pong_args(host, SOCKPERF_PORT, PING_SIZE, self.plan.sockperf_secs),
+            timeout,
+            (Some(rep), mode),
+        )?;
+        let what = format!("sockperf ping-pong {}", path.name());
+        let run = sockperf::parse(&out)?;
+        let pct = |p: f64| {
+            run.percentile(p)
+                .ok_or_else(|| bad(&what, format!("no {p} percentile")))
+                .and_then(|v| positive(&what, v))
+        };
+        let metric = |measure: &str| format!("sockperf.{measure}.{}", path.name());
+        Ok(vec![
+            Sample {
+                metric: metric("rtt_p50"),
+                msg_size: Some(PING_SIZE),
+                unit: "us",
+                value: pct(50.0)?,
+                target: target(Better::Lower, 1.0, NOT_WORSE),
+            },
+            Sample {
+                metric: metric("rtt_p99"),
+                msg_size: Some(PING_SIZE),
+                unit: "us",
+                value: pct(99.0)?,
+                target: target(Better::Lower, 0.5, "bypass issue: sockperf p99 <= 0.5x"),
+            },
+        ])
+    }
+
+    fn loadgen(
+        &mut self,
+        mode: Mode,
+        rep: Option<usize>,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<Report, Error> {
+        let exe = self.ctx.exe.clone();
+        let out = self.rec.run(
+            Place::Pod(self.node.pod(0)),
+            exe.as_os_str(),
+            args,
+            timeout,
+            (rep, mode),
+        )?;
+        let line = out.lines().last().unwrap_or_default();
+        load::parse_report(line).map_err(|e| bad("the load generator", e.to_string()))
+    }
+
+    fn loadgen_args(&self, port: u16, mode: &str, secs: f64) -> Vec<String> {
+        let mut args: Vec<String> = ["loadgen", "client", "--mode", mode, "--connect"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        args.push(format!("{}:{port}", self.node.pod(1).ipv4()));
+        args.extend(["--duration".into(), format!("{secs}")]);
+        args
+    }
+
+    /// Request/response latency; without a repetition it is the warm-up, whose numbers are
+    /// dropped.
+    fn rr(&mut self, mode: Mode, rep: Option<usize>, secs: f64) -> Result<Vec<Sample>, Error> {
+        let mut args = self.loadgen_args(RR_PORT, "rr", secs);
+        args.extend(["--msg-size".into(), PING_SIZE.to_string()]);
+        let timeout = self.timeout(&Step::Rr);
+        let Report::Rr(report) = self.loadgen(mode, rep, &args, timeout)? else {
+            return Err(bad("loadgen rr", "not an rr report".into()));
+        };
+        if rep.is_none() {
+            return Ok(Vec::new());
+        }
+        let what = "loadgen rr pod-to-pod";
+        let sample = |measure: &str, value: f64| -> Result<Sample, Error> {
+            Ok(Sample {
+                metric: format!("loadgen.{measure}.pod-to-pod"),
+                msg_size: Some(PING_SIZE),
+                unit: "us",
+                value: positive(what, value)?,
+                target: target(Better::Lower, 1.0, NOT_WORSE),
+            })
+        };
+        Ok(vec![
+            sample("rr_p50", report.p50_us)?,
+            sample("rr_p90", report.p90_us)?,
+            sample("rr_p99", report.p99_us)?,
+            sample("rr_p999", report.p999_us)?,
+        ])
+    }
+
+    fn connect(&mut self, mode: Mode, rep: usize) -> Result<Vec<Sample>, Error> {
+        let args = self.loadgen_args(CONNECT_PORT, "connect", self.plan.loadgen_secs);
+        let timeout = self.timeout(&Step::Connect);
+        let Report::Connect(report) = self.loadgen(mode, Some(rep), &args, timeout)? else {
+            return Err(bad("loadgen connect", "not a connect report".into()));
+        };
+        Ok(vec![Sample {
+            metric: "loadgen.connect_rate.pod-to-pod".into(),
+            msg_size: None,
+            unit: "conn/s",
+            value: positive("loadgen connect", report.connects_per_s)?,
+            target: target(Better::Higher, 0.97, "bypass issue: connect rate >= 0.97x"),
+        }])
+    }
+
+    fn non_eligible(&mut self, mode: Mode, rep: usize) -> Result<Vec<Sample>, Error> {
+        let client = self.node.pod(0);
+        let meter = CpuMeter::new([self.node.cgroup_dir(), self.outside.dir()]);
+        let cpu_before = meter.seconds()?;
+        let timeout = self.timeout(&Step::NonEligible);
+        let out = self.rec.run(
+            Place::Pod(client),
+            OsStr::new("iperf3"),
+            &iperf3::client_args(
+                IpAddr::V4(client.gateway_v4()),
+                IPERF3_PORT,
+                self.plan.iperf3_secs,
+            ),
+            timeout,
+            (Some(rep), mode),
+        )?;
+        let cpu_s = meter.seconds()? - cpu_before;
+        let what = "iperf3 non-eligible";
+        let run = iperf3::parse(&out)?;
+        let cpu = cpu::per_gbit(cpu_s, run.received_bytes as f64)
+            .ok_or_else(|| bad(what, format!("no CPU time measured ({cpu_s} s)")))?;
+        Ok(vec![
+            Sample {
+                metric: "iperf3.throughput.non-eligible".into(),
+                msg_size: None,
+                unit: "Gbit/s",
+                value: positive(what, run.gbit_per_s)?,
+                target: target(
+                    Better::Higher,
+                    0.97,
+                    "bypass issue: non-eligible throughput >= 0.97x",
+                ),
+            },
+            Sample {
+                metric: "iperf3.cpu_per_gbit.non-eligible".into(),
+                msg_size: None,
+                unit: "CPU-s/Gbit",
+                value: cpu,
+                // The throughput target's 3 % tolerance, applied to the cost side.
+                target: target(
+                    Better::Lower,
+                    1.0 / 0.97,
+                    "bypass issue: hooks cost nothing where they do not apply (3 % tolerance)",
+                ),
+            },
+        ])
+    }
+}
+
+/// Client place and server address for a path served from pod1.
+fn endpoints(node: &Node, path: Path) -> (Place<'_>, IpAddr) {
+    let server = node.pod(1);
+    match path {
+        Path::Loopback => (Place::Pod(server), IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        Path::PodToPod | Path::NonEligible => (Place::Pod(node.pod(0)), IpAddr::V4(server.ipv4())),
+    }
+}
+
+fn bad(what: &str, problem: String) -> Error {
+    Error::BadSample {
+        what: what.to_owned(),
+        problem,
+    }
+}
+
+fn positive(what: &str, value: f64) -> Result<f64, Error> {
+    if value.is_finite() && value > 0.0 {
+        Ok(value)
+    } else {
+        Err(bad(what, format!("{value} is not a positive number")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_fits_in_two_minutes_with_room_for_setup() {
+        let plan = Plan::new(Profile::Quick, &Overrides::default());
+        assert_eq!(plan.reps, 3);
+        assert!(plan.estimate() < 105.0, "{}", plan.estimate());
+    }
+
+    #[test]
+    fn full_covers_every_size_on_both_paths() {
+        let plan = Plan::new(Profile::Full, &Overrides::default());
+        assert!(plan.reps >= 3);
+        assert_eq!(plan.pod_sizes, ALL_SIZES);
+        assert_eq!(plan.loopback_sizes, ALL_SIZES);
+        assert_eq!(plan.sockperf_paths, [Path::PodToPod, Path::Loopback]);
+    }
+
+    #[test]
+    fn overrides_round_whole_second_tools_up() {
+        let plan = Plan::new(
+            Profile::Quick,
+            &Overrides {
+                reps: Some(2),
+                seconds: Some(0.2),
+                sizes: Some(vec![64]),
+            },
+        );
+        assert_eq!((plan.reps, plan.qperf_secs, plan.sockperf_secs), (2, 1, 1));
+        assert!((plan.loadgen_secs - 0.2).abs() < 1e-12);
+        assert_eq!(plan.pod_sizes, [64]);
+        assert_eq!(plan.loopback_sizes, [64]);
+    }
+
+    #[test]
+    fn every_step_is_measured_in_both_modes_and_paired_into_a_ratio() {
+        let mut c = Collected::default();
+        let t = target(Better::Lower, 0.45, "t");
+        for (mode, v) in [
+            (Mode::Baseline, 10.0),
+            (Mode::Accelerated, 4.0),
+            (Mode::Accelerated, 4.5),
+            (Mode::Baseline, 9.0),
+        ] {
+            c.add(
+                Sample {
+                    metric: "qperf.tcp_lat.pod-to-pod".into(),
+                    msg_size: Some(64),
+                    unit: "us",
+                    value: v,
+                    target: t,
+                },
+                mode,
+            );
+        }
+        let (figures, ratios) = c.figures_and_ratios();
+        assert_eq!(figures.len(), 2);
+        assert_eq!(ratios.len(), 1);
+        assert_eq!(ratios[0].samples, vec![0.4, 0.5]);
+        assert!((ratios[0].value - 4.25 / 9.5).abs() < 1e-12);
+        assert!(ratios[0].met);
+    }
+}
