@@ -42,7 +42,8 @@ pub mod sockops {
         MSG_UNTRACKED = 15: "msg_untracked",
         REEVALUATED = 16: "rules_reevaluated",
         CONN_DEMOTED_SMALL = 17: "conn_demoted_small_msgs",
-        SOCK_LEFT_MAP = 18: "sockhash_left_small_msgs",
+        SOCK_LEFT_MAP = 18: "sockhash_left",
+        CONN_PEER_NOT_LOCAL = 19: "conn_peer_not_local",
     });
 }
 

@@ -29,9 +29,14 @@ pub fn ql_sk_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: a live element of a BPF_F_NO_PREALLOC hash, so it is never recycled under us;
     // only this socket's sender writes it (the socket lock serialises sendmsg).
     let meta = unsafe { &mut *meta };
-    if !redirect_allowed(&key, meta) {
+    if meta.flags & META_F_LOCKED_TCP != 0 {
         count(c::MSG_NORMAL_PATH, 1);
         return SK_PASS;
+    }
+    if !eligible_now(&key, meta) {
+        // Not (or no longer) eligible, or no local peer (yet): this message goes by TCP, so
+        // the direction must stay there (redirected bytes could overtake it).
+        return lock_tcp(meta, c::MSG_NORMAL_PATH);
     }
     let size = u64::from(ctx.size());
     let mut peer = key.peer();
@@ -45,7 +50,6 @@ pub fn ql_sk_msg(ctx: SkMsgContext) -> u32 {
     if small_stream(peer_meta, meta, ctx.size()) {
         // Switching this direction to TCP is safe at any time: the bytes already redirected
         // sit in the peer's redirect queue, which its reads drain before the TCP queue.
-        meta.flags |= META_F_LEAVING;
         count(c::CONN_DEMOTED_SMALL, 1);
         return lock_tcp(meta, c::MSG_NORMAL_PATH);
     }
@@ -80,32 +84,26 @@ unsafe fn atomic_add(dst: *mut u64, val: u64) {
 }
 
 /// This socket's bytes take TCP from now on; they never come back to the redirect, so nothing
-/// can overtake them.
+/// can overtake them. It also asks to leave the sockhash (sock_ops does it at the next RTT
+/// sample if that is safe), so its writes stop paying for sk_msg and get TCP's batching.
 #[inline(always)]
 fn lock_tcp(meta: &mut SockMeta, reason: u32) -> u32 {
-    meta.flags |= META_F_LOCKED_TCP;
+    meta.flags |= META_F_LOCKED_TCP | META_F_LEAVING;
     count(reason, 1);
     count(c::CONN_LOCKED_TCP, 1);
     SK_PASS
 }
 
-/// Whether this message may be redirected. On the first message, and after every rules
+/// Whether this connection may use the redirect. On the first message, and after every rules
 /// change, both ends are (re)evaluated: the peer's metadata is readable only once it is
 /// established, which is also exactly when redirecting to it becomes safe.
 #[inline(always)]
-fn redirect_allowed(key: &SockKey, meta: &mut SockMeta) -> bool {
-    if meta.flags & META_F_LOCKED_TCP != 0 {
-        return false;
-    }
+fn eligible_now(key: &SockKey, meta: &mut SockMeta) -> bool {
     let state = rules_state();
     if meta.generation != state.generation || meta.generation == 0 {
         count(c::REEVALUATED, 1);
         let peer_key = key.peer();
         let Some(peer) = QL_META.get_ptr_mut(&peer_key) else {
-            // Not (yet) a local eligible peer: anything we send now goes by TCP, so this
-            // connection must stay there (redirected bytes would overtake it).
-            meta.flags |= META_F_LOCKED_TCP;
-            count(c::CONN_LOCKED_TCP, 1);
             return false;
         };
         // SAFETY: as for our own metadata; only read here.

@@ -109,6 +109,13 @@ fn on_established(ctx: &SockOpsContext, active: bool) {
         count(c::CONN_INELIGIBLE, 1);
         return;
     }
+    // The active side is established (and tracked, if local and eligible) before the passive
+    // side sees the final ACK; a server whose client is not tracked has nobody to bypass to.
+    // SAFETY: existence check only.
+    if !active && unsafe { QL_META.get(&key.peer()) }.is_none() {
+        count(c::CONN_PEER_NOT_LOCAL, 1);
+        return;
+    }
     // Metadata first: sk_msg may run as soon as the socket is in the sockhash.
     if let Err(e) = QL_META.insert(&key, &meta, u64::from(BPF_NOEXIST)) {
         count(
@@ -183,4 +190,7 @@ fn on_rtt(ctx: &SockOpsContext) {
         meta.flags |= META_F_LEFT;
         count(c::SOCK_LEFT_MAP, 1);
     }
+    // Decided either way (a socket with redirected bytes in its queue stays for good): no
+    // more callbacks on every ACK.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
 }
