@@ -11,11 +11,12 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_SK_MSG_VERDICT: u32 = 7;
 
 /// The prefix of `union bpf_attr` used by `BPF_LINK_CREATE`; the kernel zero-extends the rest.
+/// `target` is an fd (cgroup, map) or an ifindex, by attach type.
 #[repr(C)]
 #[derive(Default)]
 struct LinkCreateAttr {
     prog_fd: u32,
-    target_fd: u32,
+    target: u32,
     attach_type: u32,
     flags: u32,
     _rest: [u64; 4],
@@ -32,7 +33,7 @@ struct ObjPinAttr {
     _pad: u32,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+pub(crate) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, correctly sized prefix of `union bpf_attr` for `cmd`.
     let ret = unsafe {
         libc::syscall(
@@ -49,17 +50,33 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     }
 }
 
-/// Attaches an sk_msg program to a sockhash as a bpf_link (kernel >= 6.10).
-pub fn sk_msg_link_create(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+/// For the commands that return a new fd (`BPF_PROG_LOAD`, `BPF_MAP_CREATE`, ...).
+pub(crate) fn bpf_fd<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
+    let fd = bpf(cmd, attr)?;
+    // SAFETY: these commands return a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_LINK_CREATE`; the link detaches when the returned fd (and every pin of it) is gone.
+pub(crate) fn link_create(
+    prog: BorrowedFd<'_>,
+    target: u32,
+    attach_type: u32,
+    flags: u32,
+) -> std::io::Result<OwnedFd> {
     let mut attr = LinkCreateAttr {
         prog_fd: prog.as_raw_fd() as u32,
-        target_fd: map.as_raw_fd() as u32,
-        attach_type: BPF_SK_MSG_VERDICT,
+        target,
+        attach_type,
+        flags,
         ..LinkCreateAttr::default()
     };
-    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
-    // SAFETY: a successful BPF_LINK_CREATE returns a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    bpf_fd(BPF_LINK_CREATE, &mut attr)
+}
+
+/// Attaches an sk_msg program to a sockhash as a bpf_link (kernel >= 6.10).
+pub fn sk_msg_link_create(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    link_create(prog, map.as_raw_fd() as u32, BPF_SK_MSG_VERDICT, 0)
 }
 
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {

@@ -1,10 +1,11 @@
 //! The few bpf(2) commands the link probes need, on trivial programs: aya decides between a
 //! bpf_link and a legacy attachment by kernel version, and a probe must ask the kernel itself.
-use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, BorrowedFd, OwnedFd};
+
+use crate::sys;
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
 
 pub const PROG_TYPE_SCHED_CLS: u32 = 3;
 pub const PROG_TYPE_XDP: u32 = 6;
@@ -47,34 +48,6 @@ struct MapCreateAttr {
     map_flags: u32,
 }
 
-/// The prefix of `union bpf_attr` for `BPF_LINK_CREATE`; `target` is an fd or an ifindex.
-#[repr(C)]
-#[derive(Default)]
-struct LinkCreateAttr {
-    prog_fd: u32,
-    target: u32,
-    attach_type: u32,
-    flags: u32,
-    _rest: [u64; 4],
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
-    // SAFETY: `attr` is a live, correctly sized prefix of `union bpf_attr` for `cmd`.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            std::mem::size_of::<T>(),
-        )
-    };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: these commands return a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(ret as i32) })
-}
-
 /// Loads `r0 = verdict; exit`, which every program type accepts.
 pub fn trivial_program(
     prog_type: u32,
@@ -92,7 +65,7 @@ pub fn trivial_program(
         expected_attach_type,
         ..ProgLoadAttr::default()
     };
-    bpf(BPF_PROG_LOAD, &mut attr)
+    sys::bpf_fd(BPF_PROG_LOAD, &mut attr)
 }
 
 pub fn sockhash() -> std::io::Result<OwnedFd> {
@@ -103,7 +76,7 @@ pub fn sockhash() -> std::io::Result<OwnedFd> {
         max_entries: 1,
         ..MapCreateAttr::default()
     };
-    bpf(BPF_MAP_CREATE, &mut attr)
+    sys::bpf_fd(BPF_MAP_CREATE, &mut attr)
 }
 
 /// `BPF_LINK_CREATE` on an fd target (cgroup, map). The link detaches when the fd closes.
@@ -112,7 +85,7 @@ pub fn link_to_fd(
     target: BorrowedFd<'_>,
     attach_type: u32,
 ) -> std::io::Result<OwnedFd> {
-    link(prog, target.as_raw_fd() as u32, attach_type, 0)
+    sys::link_create(prog, target.as_raw_fd() as u32, attach_type, 0)
 }
 
 /// `BPF_LINK_CREATE` on a device of the calling thread's network namespace.
@@ -122,21 +95,5 @@ pub fn link_to_ifindex(
     attach_type: u32,
     flags: u32,
 ) -> std::io::Result<OwnedFd> {
-    link(prog, ifindex, attach_type, flags)
-}
-
-fn link(
-    prog: BorrowedFd<'_>,
-    target: u32,
-    attach_type: u32,
-    flags: u32,
-) -> std::io::Result<OwnedFd> {
-    let mut attr = LinkCreateAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        target,
-        attach_type,
-        flags,
-        ..LinkCreateAttr::default()
-    };
-    bpf(BPF_LINK_CREATE, &mut attr)
+    sys::link_create(prog, ifindex, attach_type, flags)
 }
