@@ -261,15 +261,16 @@ fn frame(s: &mut String, chart: &Chart, x: &Axis, y: &Axis, sizes: &[f64]) {
     );
 }
 
+const RULE_STYLE: &str = r##"stroke="#555555" stroke-dasharray="2 3""##;
+
+/// Reference lines across the plot; they are named in the legend, where no data point can
+/// hide the name.
 fn rules(s: &mut String, chart: &Chart, y: &Axis) {
     for rule in chart.rules.iter().filter(|r| y.contains(r.y)) {
         let py = y.px(rule.y);
         let _ = writeln!(
             s,
-            r##"<line x1="{LEFT}" y1="{py:.1}" x2="{PLOT_RIGHT}" y2="{py:.1}" stroke="#555555" stroke-dasharray="2 3"/><text x="{:.1}" y="{:.1}" fill="#555555" text-anchor="end">{}</text>"##,
-            PLOT_RIGHT - 6.0,
-            py - 4.0,
-            escape(&rule.label)
+            r#"<line x1="{LEFT}" y1="{py:.1}" x2="{PLOT_RIGHT}" y2="{py:.1}" {RULE_STYLE}/>"#
         );
     }
 }
@@ -323,6 +324,17 @@ fn legend(s: &mut String, chart: &Chart) {
             lx + 32.0,
             ly + 4.0,
             escape(&series.label)
+        );
+    }
+    for (i, rule) in chart.rules.iter().enumerate() {
+        let ly = TOP + 8.0 + (chart.series.len() + i) as f64 * 20.0;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" {RULE_STYLE}/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            lx + 26.0,
+            lx + 32.0,
+            ly + 4.0,
+            escape(&rule.label)
         );
     }
     let _ = writeln!(
