@@ -63,6 +63,9 @@ pub const RULE_EXCLUDE: u32 = 2;
 pub const RULES_F_CGROUP_INCLUDES: u32 = 1;
 pub const RULES_F_CIDR_INCLUDES: u32 = 2;
 pub const RULES_F_PORT_INCLUDES: u32 = 4;
+/// Some cgroup rule exists (include or exclude): only then is the ancestor walk worth its
+/// helper calls on every connect() and listen().
+pub const RULES_F_CGROUP_RULES: u32 = 8;
 
 /// Slot 0 of `QL_RULES_STATE`. Userspace writes the rule maps first and bumps `generation`
 /// last; sk_msg re-evaluates a socket whose `SockMeta::generation` is older.

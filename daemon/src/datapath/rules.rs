@@ -15,8 +15,8 @@ use aya::maps::{
     Array, HashMap, Map, MapData,
 };
 use quicklane_common::bypass::{
-    RulesState, RULES_F_CGROUP_INCLUDES, RULES_F_CIDR_INCLUDES, RULES_F_PORT_INCLUDES,
-    RULE_EXCLUDE, RULE_INCLUDE,
+    RulesState, RULES_F_CGROUP_INCLUDES, RULES_F_CGROUP_RULES, RULES_F_CIDR_INCLUDES,
+    RULES_F_PORT_INCLUDES, RULE_EXCLUDE, RULE_INCLUDE,
 };
 use serde::Serialize;
 
@@ -63,6 +63,7 @@ pub fn apply(pins: &PinDir, bypass: &BypassConfig) -> Result<RulesSummary, Datap
         (!bypass.include_cgroups.is_empty(), RULES_F_CGROUP_INCLUDES),
         (!bypass.include_cidrs.is_empty(), RULES_F_CIDR_INCLUDES),
         (!bypass.include_ports.is_empty(), RULES_F_PORT_INCLUDES),
+        (!cgroups.is_empty(), RULES_F_CGROUP_RULES),
     ] {
         if has {
             flags |= flag;

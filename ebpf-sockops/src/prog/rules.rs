@@ -4,13 +4,16 @@ use aya_ebpf::{helpers::bpf_get_current_ancestor_cgroup_id, maps::lpm_trie::Key}
 use quicklane_common::{
     bypass::{
         Origin, RulesState, SockMeta, MAX_CGROUP_LEVEL, META_F_ACTIVE, RULES_F_CGROUP_INCLUDES,
-        RULES_F_CIDR_INCLUDES, RULES_F_PORT_INCLUDES, RULE_EXCLUDE, RULE_INCLUDE,
+        RULES_F_CGROUP_RULES, RULES_F_CIDR_INCLUDES, RULES_F_PORT_INCLUDES, RULE_EXCLUDE,
+        RULE_INCLUDE,
     },
     sock::{SockKey, AF_INET},
     SOCKOPS_F_CGROUP_ORIGIN,
 };
 
-use super::maps::{config_flags, QL_CGROUP_RULES, QL_CIDR4_RULES, QL_CIDR6_RULES, QL_PORT_RULES};
+use super::maps::{
+    config_flags, rules_state, QL_CGROUP_RULES, QL_CIDR4_RULES, QL_CIDR6_RULES, QL_PORT_RULES,
+};
 
 /// The current task's cgroup and the nearest ancestor (or itself) that carries a rule. Only
 /// meaningful where the current task owns the socket: connect() and listen().
@@ -20,6 +23,12 @@ pub fn current_origin() -> Origin {
         return Origin::default();
     }
     let cgroup_id = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
+    if rules_state().flags & RULES_F_CGROUP_RULES == 0 {
+        return Origin {
+            cgroup_id,
+            rule_cgroup: 0,
+        };
+    }
     let mut rule_cgroup = 0;
     let mut level = MAX_CGROUP_LEVEL;
     while level >= 0 {
