@@ -87,32 +87,7 @@ pub fn run(config_path: &Path, keep_datapath: bool) -> Result<(), AgentError> {
 /// needs a restart, and saying so beats silently ignoring it.
 fn reload(path: &Path, running: &Config, datapath: &mut Datapath) -> Result<(), AgentError> {
     let new = Config::load(path)?;
-    let mut comparable = new.clone();
-    comparable
-        .bypass
-        .include_cgroups
-        .clone_from(&running.bypass.include_cgroups);
-    comparable
-        .bypass
-        .exclude_cgroups
-        .clone_from(&running.bypass.exclude_cgroups);
-    comparable
-        .bypass
-        .include_cidrs
-        .clone_from(&running.bypass.include_cidrs);
-    comparable
-        .bypass
-        .exclude_cidrs
-        .clone_from(&running.bypass.exclude_cidrs);
-    comparable
-        .bypass
-        .include_ports
-        .clone_from(&running.bypass.include_ports);
-    comparable
-        .bypass
-        .exclude_ports
-        .clone_from(&running.bypass.exclude_ports);
-    if comparable != *running {
+    if new.without_live_rules() != running.without_live_rules() {
         tracing::warn!("SIGHUP: only the bypass include/exclude rules change live; restart the agent for the other changes");
     }
     if running.bypass.enabled {

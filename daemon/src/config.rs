@@ -229,6 +229,21 @@ impl Config {
         Ok(config)
     }
 
+    /// This configuration without what SIGHUP applies live (the bypass include/exclude rules),
+    /// to tell whether a reload asks for anything that needs a restart.
+    #[must_use]
+    pub fn without_live_rules(&self) -> Self {
+        let mut c = self.clone();
+        let b = &mut c.bypass;
+        b.include_cgroups.clear();
+        b.exclude_cgroups.clear();
+        b.include_cidrs.clear();
+        b.exclude_cidrs.clear();
+        b.include_ports.clear();
+        b.exclude_ports.clear();
+        c
+    }
+
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let bad = |key: &str, value: String, allowed: &str| ConfigError::Value {
             path: path.to_owned(),

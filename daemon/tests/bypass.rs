@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 use simnode::Node;
-use support::{client, counter, eventually, map_len, reload, server, status, write_config, Agent};
+use support::{
+    client, counter, eventually, map_len, reload, server, status, wait_listening, write_config,
+    Agent,
+};
 
 fn privileged(test: &str) -> bool {
     simnode::privileged_or_skip(test)
@@ -117,13 +120,7 @@ fn every_address_family_and_bind_style_is_bypassed() {
         ])
         .stdout(std::process::Stdio::piped());
         let mut srv = b.spawn(&mut cmd).unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(srv.child_mut().stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert!(line.contains("listening"), "{line}");
+        wait_listening(&mut srv);
         let before = redirected(&node);
         let sent = assert_stream_ok(&client(a, &target, "stream", 1, &["--msg-size", "4096"]));
         assert!(
@@ -318,13 +315,7 @@ fn node_excluded_server(node: &Node) {
         ))
         .stdout(std::process::Stdio::piped());
     let mut srv = b.spawn(&mut cmd).unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(srv.child_mut().stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(line.contains("listening"), "{line}");
+    wait_listening(&mut srv);
     let before = redirected(node);
     assert_stream_ok(&client(
         a,
@@ -406,12 +397,7 @@ fn traffic_to_a_peer_off_the_bypass_keeps_working() {
     ])
     .stdout(std::process::Stdio::piped());
     let mut srv = node.spawn(&mut cmd).unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(srv.child_mut().stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    wait_listening(&mut srv);
     let before = status(&node);
     assert_stream_ok(&client(
         a,

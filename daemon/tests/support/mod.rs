@@ -165,11 +165,20 @@ pub fn server(pod: &Pod, mode: &str, port: u16, secs: u32, extra: &[&str]) -> Pr
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
     let mut proc = pod.spawn(&mut cmd).expect("spawn loadgen server");
-    let stdout = proc.child_mut().stdout.take().unwrap();
+    wait_listening(&mut proc);
+    proc
+}
+
+/// Blocks until a load generator server (spawned with piped stdout) says it is listening.
+pub fn wait_listening(proc: &mut Proc) {
+    let stdout = proc
+        .child_mut()
+        .stdout
+        .take()
+        .expect("server stdout is piped");
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
     assert!(line.contains("listening"), "server did not start: {line:?}");
-    proc
 }
 
 /// Runs a load generator client in `pod` to completion and returns its JSON report.
