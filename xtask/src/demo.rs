@@ -3,7 +3,6 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -11,35 +10,19 @@ use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::Value;
 use simnode::{Node, Pod, Proc};
 
-use crate::{run_cmd, workspace_root};
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_: std::ffi::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
+use crate::release;
 
 fn interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if release::interrupted() {
         bail!("interrupted: tearing the simulated node down");
     }
     Ok(())
 }
 
 pub fn run(seconds: u32) -> Result<()> {
-    let root = workspace_root();
-    run_cmd(Command::new(env!("CARGO")).current_dir(&root).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "quicklane",
-    ]))?;
-    let quicklane = root.join("target/release/quicklane");
+    let quicklane = release::build_quicklane()?;
     // Ctrl-C must reach the teardown below (Drop of the node), not kill us mid-way.
-    let handler = nix::sys::signal::SigHandler::Handler(on_sigint);
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGINT, handler) }?;
+    release::catch_sigint()?;
 
     let node = Node::new(2).context("building the simulated node")?;
     let outcome = demo(&node, &quicklane, seconds);

@@ -1,6 +1,7 @@
 //! Developer and CI entry points: `cargo xtask setup | demo | test | bench | vm-test`.
 mod bench;
 mod demo;
+mod release;
 mod setup;
 mod test;
 mod vm;
