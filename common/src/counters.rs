@@ -44,6 +44,9 @@ pub mod sockops {
         CONN_DEMOTED_SMALL = 17: "conn_demoted_small_msgs",
         SOCK_LEFT_MAP = 18: "sockhash_left",
         CONN_PEER_NOT_LOCAL = 19: "conn_peer_not_local",
+        CONN_PACED = 20: "conn_paced",
+        PACING_UPDATES = 21: "pacing_updates",
+        PACING_RELEASED = 22: "pacing_released",
     });
 }
 
@@ -53,6 +56,11 @@ pub mod tc {
         EGRESS_BYTES = 1: "egress_bytes",
         INGRESS_PACKETS = 2: "ingress_packets",
         INGRESS_BYTES = 3: "ingress_bytes",
+        QOS_SHAPED = 4: "qos_shaped_packets",
+        QOS_MARKED = 5: "qos_ce_marked",
+        QOS_DROPPED = 6: "qos_dropped",
+        QOS_NOT_ECT = 7: "qos_late_not_ect",
+        QOS_UNKNOWN_POD = 8: "qos_unmanaged_packets",
     });
 }
 

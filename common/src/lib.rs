@@ -4,14 +4,16 @@
 //! byte layout the verifier sees is the one userspace reads. The layout assertions at the
 //! bottom of each module fail the build (on both sides) if a field is added carelessly.
 #![no_std]
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 pub mod bypass;
 pub mod counters;
+pub mod qos;
 pub mod sock;
 
 /// Bumped whenever a shared layout or a load-time global changes meaning, so a daemon never
 /// adopts pins written by an incompatible datapath.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Load-time settings of the sock_ops/sk_msg object (`QL_SOCKOPS_CONFIG` global).
 #[repr(C)]
@@ -33,6 +35,8 @@ pub const SOCKOPS_F_BYPASS: u32 = 1;
 /// loader probes). Without it every socket's pod is "unknown" and the verifier, which sees
 /// this read-only flag as a constant, never sees the calls.
 pub const SOCKOPS_F_CGROUP_ORIGIN: u32 = 2;
+/// Pace TCP sockets of shaped pods (`SO_MAX_PACING_RATE`) from the QoS rate tables.
+pub const SOCKOPS_F_PACING: u32 = 4;
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), Copy, no padding (asserted below).

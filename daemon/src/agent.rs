@@ -50,6 +50,7 @@ pub fn run(config_path: &Path, keep_datapath: bool) -> Result<(), AgentError> {
         keep_datapath,
         attachments: datapath.report().to_vec(),
         rules: datapath.rules().cloned(),
+        qos: datapath.qos().cloned(),
     };
     let state_path = run_dir.state();
     let write_state = |state: &AgentState| {
@@ -69,6 +70,7 @@ pub fn run(config_path: &Path, keep_datapath: bool) -> Result<(), AgentError> {
             match reload(config_path, &config, &mut datapath) {
                 Ok(()) => {
                     state.rules = datapath.rules().cloned();
+                    state.qos = datapath.qos().cloned();
                     write_state(&state)?;
                 }
                 // A bad edit must not take the running datapath down: keep the old rules.
@@ -83,15 +85,19 @@ pub fn run(config_path: &Path, keep_datapath: bool) -> Result<(), AgentError> {
     Ok(stopped?)
 }
 
-/// SIGHUP: re-read the file and apply what can change live (the bypass rules). Anything else
-/// needs a restart, and saying so beats silently ignoring it.
+/// SIGHUP: re-read the file and apply what can change live (the bypass rules, the QoS node
+/// split and pod annotations). Anything else needs a restart, and saying so beats silently
+/// ignoring it.
 fn reload(path: &Path, running: &Config, datapath: &mut Datapath) -> Result<(), AgentError> {
     let new = Config::load(path)?;
     if new.without_live_rules() != running.without_live_rules() {
-        tracing::warn!("SIGHUP: only the bypass include/exclude rules change live; restart the agent for the other changes");
+        tracing::warn!("SIGHUP: only the bypass include/exclude rules and the QoS policy (capacity, percents, pod annotations) change live; restart the agent for the other changes");
     }
     if running.bypass.enabled {
         datapath.reload_rules(&new)?;
+    }
+    if running.qos.enabled && new.qos.enabled {
+        datapath.reload_qos(&new)?;
     }
     Ok(())
 }
@@ -132,7 +138,7 @@ impl Signals {
             tokio::select! {
                 _ = self.term.recv() => { tracing::info!("SIGTERM: stopping"); Signal::Stop }
                 _ = self.int.recv() => { tracing::info!("SIGINT: stopping"); Signal::Stop }
-                _ = self.hup.recv() => { tracing::info!("SIGHUP: reloading the bypass rules"); Signal::Reload }
+                _ = self.hup.recv() => { tracing::info!("SIGHUP: reloading the bypass rules and the QoS policy"); Signal::Reload }
             }
         })
     }

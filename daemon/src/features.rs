@@ -7,7 +7,7 @@
 //! disappears with it, and the cgroup link is tried on a temporary child cgroup.
 mod bpf;
 mod links;
-mod netlink;
+pub(crate) mod netlink;
 
 use std::fmt::Write as _;
 

@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::{rules::RulesSummary, AttachmentReport};
+use crate::datapath::{qos::QosSummary, rules::RulesSummary, AttachmentReport};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AgentState {
@@ -14,6 +14,9 @@ pub struct AgentState {
     pub attachments: Vec<AttachmentReport>,
     /// Bypass rules in force (None: bypass disabled).
     pub rules: Option<RulesSummary>,
+    /// QoS policy in force (None: QoS disabled).
+    #[serde(default)]
+    pub qos: Option<QosSummary>,
 }
 
 impl AgentState {

@@ -8,10 +8,15 @@ use aya::{
 };
 use serde::Serialize;
 
-use quicklane_common::bypass::{FlowKey, Traffic};
+use quicklane_common::{
+    bypass::{FlowKey, Traffic},
+    qos::{aggregate, QosStats, DIR_EGRESS, DIR_INGRESS},
+};
 
 use crate::{
-    datapath::{legacy, open_pinned_map, pinned_names, rules::RulesSummary, Object},
+    datapath::{
+        legacy, open_pinned_map, pinned_names, qos::QosSummary, rules::RulesSummary, Object,
+    },
     paths::{PinDir, RunDir},
     state::AgentState,
 };
@@ -27,6 +32,8 @@ pub struct Status {
     pub rules: Option<RulesSummary>,
     /// What the bypass moved per pod (cgroup), by direction.
     pub bypass_pods: Vec<PodBypass>,
+    /// QoS policy in force and what the shaper did per pod and direction.
+    pub qos: Option<QosStatus>,
     /// What this kernel offers the agent, probed now.
     pub features: crate::features::Features,
 }
@@ -40,6 +47,29 @@ pub struct PodBypass {
     pub tx_msgs: u64,
     pub rx_bytes: u64,
     pub rx_msgs: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QosStatus {
+    pub policy: QosSummary,
+    /// Per pod, in policy order: (egress, ingress) counters summed over CPUs.
+    pub pods: Vec<QosPodCounters>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QosPodCounters {
+    pub name: String,
+    pub egress: QosCounters,
+    pub ingress: QosCounters,
+}
+
+/// `QosStats` summed over CPUs.
+#[derive(Debug, Serialize, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QosCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub marked: u64,
+    pub dropped: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -123,7 +153,12 @@ pub fn collect(pins: &PinDir, run: &RunDir) -> Result<Status, StatusError> {
     } else {
         Vec::new()
     };
+    let qos = match state.as_ref().and_then(|s| s.qos.clone()) {
+        Some(policy) => Some(qos_status(pins, policy)?),
+        None => None,
+    };
     Ok(Status {
+        qos,
         rules: state.as_ref().and_then(|s| s.rules.clone()),
         bypass_pods,
         agent: AgentStatus {
@@ -136,6 +171,42 @@ pub fn collect(pins: &PinDir, run: &RunDir) -> Result<Status, StatusError> {
         counters,
         features: crate::features::Features::probe(),
     })
+}
+
+fn qos_status(pins: &PinDir, policy: QosSummary) -> Result<QosStatus, StatusError> {
+    let map_name = "QL_QOS_STATS";
+    let err = |message: String| StatusError::Counters {
+        map: map_name.to_owned(),
+        message,
+    };
+    let data = open_pinned_map(pins, map_name).map_err(|e| err(e.to_string()))?;
+    let stats: PerCpuArray<MapData, QosStats> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|e| err(e.to_string()))?;
+    let sum = |slot: u32, dir: u32| -> Result<QosCounters, StatusError> {
+        let per_cpu = stats
+            .get(&aggregate(slot, dir), 0)
+            .map_err(|e| err(e.to_string()))?;
+        Ok(per_cpu
+            .iter()
+            .fold(QosCounters::default(), |a, s| QosCounters {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+                marked: a.marked + s.marked,
+                dropped: a.dropped + s.dropped,
+            }))
+    };
+    let pods = policy
+        .pods
+        .iter()
+        .map(|p| {
+            Ok(QosPodCounters {
+                name: p.name.clone(),
+                egress: sum(p.slot, DIR_EGRESS)?,
+                ingress: sum(p.slot, DIR_INGRESS)?,
+            })
+        })
+        .collect::<Result<_, StatusError>>()?;
+    Ok(QosStatus { policy, pods })
 }
 
 /// Folds the per-(sender, receiver) flow counters into per-pod tx and rx.
@@ -266,7 +337,45 @@ impl Status {
                 );
             }
         }
+        if let Some(q) = &self.qos {
+            q.render_text(&mut s);
+        }
         s.push_str(&self.features.render_summary());
         s
+    }
+}
+
+impl QosStatus {
+    fn render_text(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "qos: {}, capacity {}, policy generation {}",
+            self.policy.enforcement,
+            quicklane_qos::Rate::from_bits_per_sec(self.policy.capacity_bps),
+            self.policy.generation
+        );
+        let rate = |r: Option<u64>| {
+            r.map_or_else(
+                || "-".to_owned(),
+                |b| quicklane_qos::Rate::from_bits_per_sec(b).to_string(),
+            )
+        };
+        for (p, c) in self.policy.pods.iter().zip(&self.pods) {
+            let _ = writeln!(
+                s,
+                "  {:<16} {:<10} class {:<8} egress {:>14} ({} B, {} marked, {} dropped)  ingress {:>14} ({} B, {} marked, {} dropped)",
+                p.name,
+                p.interface,
+                p.class,
+                rate(p.egress_bps),
+                c.egress.bytes,
+                c.egress.marked,
+                c.egress.dropped,
+                rate(p.ingress_bps),
+                c.ingress.bytes,
+                c.ingress.marked,
+                c.ingress.dropped,
+            );
+        }
     }
 }

@@ -307,7 +307,13 @@ fn load_each_program() -> Vec<(&'static str, Result<u32, String>)> {
     let config = Config::default();
     let mut out = Vec::new();
     for object in Object::ALL {
-        let mut ebpf = datapath::load(object, &config, &scratch).unwrap();
+        let mut ebpf = datapath::load(
+            object,
+            &config,
+            &datapath::qos::bpf_config(&config.qos, Some(datapath::qos::Enforcement::Fq)),
+            &scratch,
+        )
+        .unwrap();
         for &name in object.programs() {
             let program = ebpf.program_mut(name).unwrap();
             let loaded = match program {

@@ -1,9 +1,11 @@
 //! Loading quicklane's BPF objects, attaching what the config asks for, pinning it all under
 //! the pin directory, and re-adopting pins a previous agent left behind.
 mod attach;
+mod fq;
 pub mod legacy;
 mod objects;
 mod plan;
+pub mod qos;
 pub mod rules;
 
 use std::{
@@ -14,7 +16,9 @@ use std::{
 use aya::{maps::MapData, programs::links::PinnedLink, Ebpf, EbpfLoader};
 pub use objects::Object;
 use plan::Attachment;
-use quicklane_common::{SockopsConfig, ABI_VERSION, SOCKOPS_F_BYPASS, SOCKOPS_F_CGROUP_ORIGIN};
+use quicklane_common::{
+    SockopsConfig, ABI_VERSION, SOCKOPS_F_BYPASS, SOCKOPS_F_CGROUP_ORIGIN, SOCKOPS_F_PACING,
+};
 use serde::Serialize;
 
 use crate::{config::Config, paths::PinDir};
@@ -59,6 +63,10 @@ pub enum DatapathError {
     },
     #[error("pin {path}: {message}")]
     Pin { path: PathBuf, message: String },
+    #[error("qdisc on {ifname}: {message}")]
+    Qdisc { ifname: String, message: String },
+    #[error("qos: {0}")]
+    Qos(String),
     #[error("{key}: {value}: {message}")]
     Rule {
         key: &'static str,
@@ -88,6 +96,7 @@ pub struct Datapath {
     links: BTreeMap<String, Held>,
     report: Vec<AttachmentReport>,
     rules: Option<rules::RulesSummary>,
+    qos: Option<qos::QosState>,
 }
 
 /// What keeps one attachment in place: a pinned bpf_link, or (kernels without that link kind)
@@ -140,9 +149,15 @@ impl Datapath {
             links: BTreeMap::new(),
             report: Vec::new(),
             rules: None,
+            qos: None,
+        };
+        let enforcement = if config.qos.enabled {
+            Some(qos::enforcement(config.qos.mode)?)
+        } else {
+            None
         };
         this.detach_unwanted(&wanted)?;
-        let mut loaded = Loaded::default();
+        let mut loaded = Loaded::new(qos::bpf_config(&config.qos, enforcement));
         if let Err(e) = this.apply_rules(config, &mut loaded) {
             this.undo_partial_start();
             return Err(e);
@@ -151,7 +166,55 @@ impl Datapath {
             this.undo_partial_start();
             return Err(e);
         }
+        if let Some(enforcement) = enforcement {
+            let started = this
+                .ensure_maps(
+                    &[qos::PODS_MAP, qos::IFINDEX_MAP, qos::ADDRS_MAP],
+                    config,
+                    &mut loaded,
+                )
+                .and_then(|()| qos::QosState::start(&this.pins, config, enforcement));
+            match started {
+                Ok(state) => this.qos = Some(state),
+                Err(e) => {
+                    this.undo_partial_start();
+                    return Err(e);
+                }
+            }
+        }
         Ok(this)
+    }
+
+    /// Loads (and so pins) the objects holding `maps` if a previous agent did not leave them.
+    fn ensure_maps(
+        &self,
+        maps: &[&str],
+        config: &Config,
+        loaded: &mut Loaded,
+    ) -> Result<(), DatapathError> {
+        for &name in maps {
+            if !self.pins.map(name).exists() {
+                let object = if name == qos::ADDRS_MAP {
+                    Object::Sockops
+                } else {
+                    Object::Tc
+                };
+                loaded.get(object, config, &self.pins)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGHUP: re-run the allocator on the new policy and rewrite the rate tables.
+    pub fn reload_qos(&mut self, config: &Config) -> Result<(), DatapathError> {
+        match &mut self.qos {
+            Some(state) => state.reload(&self.pins, config),
+            None => Ok(()),
+        }
+    }
+
+    pub fn qos(&self) -> Option<&qos::QosSummary> {
+        self.qos.as_ref().map(qos::QosState::summary)
     }
 
     fn apply_rules(&mut self, config: &Config, loaded: &mut Loaded) -> Result<(), DatapathError> {
@@ -267,6 +330,9 @@ impl Datapath {
             tracing::info!(pin_dir = %self.pins.root().display(), "leaving the datapath attached for the next agent");
             return Ok(());
         }
+        if let Some(q) = self.qos {
+            q.shutdown()?;
+        }
         for (name, held) in self.links {
             held.release(&self.pins, &name)?;
         }
@@ -323,20 +389,29 @@ pub(crate) fn pin_err(path: &Path, e: impl std::fmt::Display) -> DatapathError {
 }
 
 /// Objects loaded on demand: a restart that adopts every link loads nothing.
-#[derive(Default)]
-struct Loaded(BTreeMap<Object, Ebpf>);
+struct Loaded {
+    objects: BTreeMap<Object, Ebpf>,
+    tc: quicklane_common::qos::QosConfig,
+}
 
 impl Loaded {
+    fn new(tc: quicklane_common::qos::QosConfig) -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            tc,
+        }
+    }
+
     fn get(
         &mut self,
         object: Object,
         config: &Config,
         pins: &PinDir,
     ) -> Result<&mut Ebpf, DatapathError> {
-        match self.0.entry(object) {
+        match self.objects.entry(object) {
             std::collections::btree_map::Entry::Occupied(e) => Ok(e.into_mut()),
             std::collections::btree_map::Entry::Vacant(e) => {
-                Ok(e.insert(load(object, config, pins)?))
+                Ok(e.insert(load(object, config, &self.tc, pins)?))
             }
         }
     }
@@ -356,7 +431,12 @@ fn cgroup_origin_supported() -> bool {
     .all(|h| is_helper_supported(ProgramType::SockOps, h).unwrap_or(false))
 }
 
-pub fn load(object: Object, config: &Config, pins: &PinDir) -> Result<Ebpf, DatapathError> {
+pub fn load(
+    object: Object,
+    config: &Config,
+    tc: &quicklane_common::qos::QosConfig,
+    pins: &PinDir,
+) -> Result<Ebpf, DatapathError> {
     let sockops_config = SockopsConfig {
         abi_version: ABI_VERSION,
         flags: if config.bypass.enabled {
@@ -365,6 +445,10 @@ pub fn load(object: Object, config: &Config, pins: &PinDir) -> Result<Ebpf, Data
             0
         } | if cgroup_origin_supported() {
             SOCKOPS_F_CGROUP_ORIGIN
+        } else {
+            0
+        } | if tc.flags & quicklane_common::qos::QOS_F_ENABLED != 0 {
+            SOCKOPS_F_PACING
         } else {
             0
         },
@@ -379,6 +463,9 @@ pub fn load(object: Object, config: &Config, pins: &PinDir) -> Result<Ebpf, Data
             .map_max_entries("QL_SOCKS", config.bypass.max_sockets)
             .map_max_entries("QL_META", config.bypass.max_sockets)
             .override_global("QL_SOCKOPS_CONFIG", &sockops_config, true);
+    }
+    if object == Object::Tc {
+        loader.override_global("QL_QOS_CONFIG", tc, true);
     }
     loader
         .load(object.bytes())
@@ -415,8 +502,10 @@ fn verify_objects(
     scratch: &PinDir,
 ) -> Result<Vec<VerifiedProgram>, DatapathError> {
     let mut out = Vec::new();
+    // Every feature on, so the verifier sees every path (flags are constants to it).
+    let tc = qos::bpf_config(&config.qos, Some(qos::Enforcement::Fq));
     for object in Object::ALL {
-        let mut ebpf = load(object, config, scratch)?;
+        let mut ebpf = load(object, config, &tc, scratch)?;
         for &program in object.programs() {
             let prog = ebpf
                 .program_mut(program)

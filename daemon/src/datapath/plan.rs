@@ -53,7 +53,8 @@ pub fn plan(
     default_cgroup: impl FnOnce() -> Result<PathBuf, DatapathError>,
 ) -> Result<Vec<Attachment>, DatapathError> {
     let mut out = Vec::new();
-    if config.bypass.enabled {
+    // sock_ops serves the bypass and QoS pacing; sk_msg only the bypass.
+    if config.bypass.enabled || config.qos.enabled {
         let cgroup = match &config.bypass.cgroup {
             Some(p) => p.clone(),
             None => default_cgroup()?,
@@ -70,6 +71,8 @@ pub fn plan(
             program: "ql_sockops",
             target: Target::Cgroup(cgroup),
         });
+    }
+    if config.bypass.enabled {
         out.push(Attachment {
             pin_name: "sk_msg".to_owned(),
             object: Object::Sockops,
@@ -77,9 +80,14 @@ pub fn plan(
             target: Target::Sockhash,
         });
     }
-    if config.tc.enabled {
-        for ifname in &config.tc.interfaces {
-            let ifindex = ifindex(ifname, "tc.interfaces")?;
+    {
+        for ifname in &config.tc_interfaces() {
+            let key = if config.tc.interfaces.contains(ifname) {
+                "tc.interfaces"
+            } else {
+                "qos.pods.interface"
+            };
+            let ifindex = ifindex(ifname, key)?;
             out.push(Attachment {
                 pin_name: format!("tc-egress-{ifname}-{ifindex}"),
                 object: Object::Tc,

@@ -146,7 +146,7 @@ fn walk(dir: &Path, depth: usize, f: &mut impl FnMut(u64)) -> std::io::Result<()
     Ok(())
 }
 
-fn typed<T>(
+pub(super) fn typed<T>(
     pins: &PinDir,
     name: &'static str,
     variant: fn(MapData) -> Map,
@@ -158,7 +158,7 @@ where
     T::try_from(variant(data)).map_err(|e| map_err(name, &e))
 }
 
-fn map_err(name: &str, e: &aya::maps::MapError) -> DatapathError {
+pub(super) fn map_err(name: &str, e: &aya::maps::MapError) -> DatapathError {
     DatapathError::Pin {
         path: name.into(),
         message: e.to_string(),
@@ -166,7 +166,7 @@ fn map_err(name: &str, e: &aya::maps::MapError) -> DatapathError {
 }
 
 /// Makes a pinned hash hold exactly `want`.
-fn sync_hash<K: aya::Pod + Ord>(
+pub(super) fn sync_hash<K: aya::Pod + Ord>(
     pins: &PinDir,
     name: &'static str,
     want: &BTreeMap<K, u32>,

@@ -256,9 +256,14 @@ pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 /// Rewrites the agent's config with `extra` (see `write_config`), sends SIGHUP and waits
 /// until the agent reports the new rules generation.
 pub fn reload(node: &Node, agent: &Agent, extra: &str) {
+    reload_watching(node, agent, extra, "/rules/generation");
+}
+
+/// As `reload`, waiting for the generation at JSON `pointer` in the agent's state to move.
+pub fn reload_watching(node: &Node, agent: &Agent, extra: &str, pointer: &str) {
     let generation = || {
         read_json(&agent.state)
-            .and_then(|s| s["rules"]["generation"].as_u64())
+            .and_then(|s| s.pointer(pointer).and_then(Value::as_u64))
             .unwrap_or(0)
     };
     let before = generation();
@@ -268,7 +273,7 @@ pub fn reload(node: &Node, agent: &Agent, extra: &str) {
         nix::sys::signal::Signal::SIGHUP,
     )
     .unwrap();
-    eventually("the agent applied the reloaded rules", || {
+    eventually("the agent applied the reloaded configuration", || {
         generation() > before
     });
 }

@@ -8,6 +8,7 @@ use aya_ebpf::{
 use quicklane_common::{
     bypass::{FlowKey, ListenerKey, Origin, RulesState, SockMeta, Traffic},
     counters::sockops as c,
+    qos::{AddrKey, ClassActivity, QosPod, CLASSES, MAX_PODS},
     sock::SockKey,
     SockopsConfig,
 };
@@ -49,6 +50,17 @@ pub static QL_RULES_STATE: Array<RulesState> = Array::pinned(1, 0);
 /// What the bypass moved, per (sender pod, receiver pod). Per-CPU: no shared read-modify-write.
 #[map(name = "QL_FLOW_TRAFFIC")]
 pub static QL_FLOW_TRAFFIC: PerCpuHashMap<FlowKey, Traffic> = PerCpuHashMap::pinned(16_384, 0);
+
+/// Pod address -> QoS pod slot (sock_ops knows a socket's pod by its addresses on every
+/// kernel). `QL_QOS_PODS` and `QL_QOS_ACTIVE` are the tc object's maps, shared by pin name.
+#[map(name = "QL_QOS_ADDRS")]
+pub static QL_QOS_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_PODS * 4, 0);
+
+#[map(name = "QL_QOS_PODS")]
+pub static QL_QOS_PODS: Array<QosPod> = Array::pinned(MAX_PODS, 0);
+
+#[map(name = "QL_QOS_ACTIVE")]
+pub static QL_QOS_ACTIVE: Array<ClassActivity> = Array::pinned(2 * CLASSES as u32, 0);
 
 #[map(name = "QL_SOCKOPS_STATS")]
 static QL_SOCKOPS_STATS: PerCpuArray<u64> = PerCpuArray::pinned(c::LEN, 0);

@@ -1,5 +1,6 @@
 mod key;
 mod maps;
+mod pacing;
 mod rules;
 mod skmsg;
 mod sockops;

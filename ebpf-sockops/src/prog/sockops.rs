@@ -20,6 +20,7 @@ use quicklane_common::{
 use super::{
     key::key_from_ctx,
     maps::{config_flags, count, rules_state, QL_LISTENERS, QL_META, QL_ORIGINS, QL_SOCKS},
+    pacing,
     rules::{current_origin, eligible},
 };
 
@@ -28,25 +29,41 @@ const E2BIG: i32 = 7;
 #[sock_ops]
 pub fn ql_sockops(ctx: SockOpsContext) -> u32 {
     count(c::CALLS, 1);
-    if config_flags() & SOCKOPS_F_BYPASS != 0 {
-        match ctx.op() {
-            BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
-            BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
-            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-                count(c::ACTIVE_ESTABLISHED, 1);
-                on_established(&ctx, true);
-            }
-            BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-                count(c::PASSIVE_ESTABLISHED, 1);
-                on_established(&ctx, false);
-            }
-            BPF_SOCK_OPS_STATE_CB => on_state(&ctx),
-            BPF_SOCK_OPS_RTT_CB => on_rtt(&ctx),
-            _ => {}
+    let bypass = config_flags() & SOCKOPS_F_BYPASS != 0;
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB if bypass => on_connect(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB if bypass => on_listen(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            count(c::ACTIVE_ESTABLISHED, 1);
+            established(&ctx, true, bypass);
         }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            count(c::PASSIVE_ESTABLISHED, 1);
+            established(&ctx, false, bypass);
+        }
+        BPF_SOCK_OPS_STATE_CB if bypass => on_state(&ctx),
+        BPF_SOCK_OPS_RTT_CB => on_rtt(&ctx),
+        BPF_SOCK_OPS_NEEDS_ECN => {
+            if let Some(key) = key_from_ctx!(ctx.ops) {
+                if pacing::shaped(&key) {
+                    ctx.set_reply(1);
+                }
+            }
+        }
+        _ => {}
     }
     // Whatever happened above, the socket itself proceeds normally.
     1
+}
+
+/// Pacing first; the bypass then refuses shaped connections (see `rules::eligible`).
+fn established(ctx: &SockOpsContext, active: bool, bypass: bool) {
+    if let Some(key) = key_from_ctx!(ctx.ops) {
+        pacing::start(ctx, &key);
+    }
+    if bypass {
+        on_established(ctx, active);
+    }
 }
 
 fn on_connect(ctx: &SockOpsContext) {
@@ -167,7 +184,10 @@ fn on_rtt(ctx: &SockOpsContext) {
     let Some(key) = key_from_ctx!(ctx.ops) else {
         return;
     };
+    // Tracked sockets ask for RTT samples to leave the bypass; every other socket that asks
+    // is a paced one (shaped connections are never tracked).
     let Some(meta) = QL_META.get_ptr_mut(&key) else {
+        pacing::refresh(ctx, &key);
         return;
     };
     // SAFETY: live element of a BPF_F_NO_PREALLOC hash.

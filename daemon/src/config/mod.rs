@@ -10,6 +10,9 @@ use std::{
 
 use serde::Deserialize;
 
+mod qos;
+pub use qos::{QosConfig, QosMode, QosPodConfig, QosPolicy};
+
 /// Largest sockhash we allow: the kernel caps map sizes far higher, but beyond this the
 /// preallocated buckets alone cost more memory than a node agent should take by surprise.
 pub const MAX_SOCKETS_LIMIT: u32 = 16 * 1024 * 1024;
@@ -49,6 +52,7 @@ pub struct Config {
     pub bypass: BypassConfig,
     pub tc: TcConfig,
     pub xdp: XdpConfig,
+    pub qos: QosConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -241,7 +245,26 @@ impl Config {
         b.exclude_cidrs.clear();
         b.include_ports.clear();
         b.exclude_ports.clear();
+        c.qos.clear_live();
         c
+    }
+
+    /// Interfaces that get the tc programs: those of `[tc]` and, with QoS on, every shaped
+    /// pod's interface (in that order, each once).
+    pub fn tc_interfaces(&self) -> Vec<String> {
+        let mut out: Vec<String> = if self.tc.enabled {
+            self.tc.interfaces.clone()
+        } else {
+            Vec::new()
+        };
+        if self.qos.enabled {
+            for pod in &self.qos.pods {
+                if !out.contains(&pod.interface) {
+                    out.push(pod.interface.clone());
+                }
+            }
+        }
+        out
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -328,6 +351,14 @@ impl Config {
                 }
             }
         }
+        if self.qos.enabled {
+            self.qos.policy().map_err(|e| ConfigError::Value {
+                path: path.to_owned(),
+                key: e.key,
+                value: e.value,
+                allowed: e.allowed,
+            })?;
+        }
         Ok(())
     }
 }
@@ -394,7 +425,7 @@ mod tests {
 
     #[test]
     fn the_shipped_example_parses() {
-        let text = include_str!("../../deploy/quicklane.example.toml");
+        let text = include_str!("../../../deploy/quicklane.example.toml");
         let c = parse(text).unwrap();
         assert!(c.bypass.enabled);
     }

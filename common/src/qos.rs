@@ -1,0 +1,269 @@
+//! Bandwidth QoS: the pod rate tables userspace writes and the EDT state the tc and sock_ops
+//! programs share (the maps are pinned by name, so both objects open the same ones).
+//!
+//! Userspace's allocator runs off the packet path. For every pod it precomputes the pod's rate
+//! under each combination of active classes (online priorities 0..=2 and the offline class);
+//! the datapath tracks which classes sent recently and picks the row entry, so a
+//! high-priority arrival slows lower classes at their next packet.
+#![allow(
+    clippy::inline_always,
+    reason = "BPF code cannot call out-of-line functions from every program type"
+)]
+
+/// Online priorities 0 (high), 1, 2 and the offline class.
+pub const CLASSES: usize = 4;
+pub const CLASS_OFFLINE: u32 = 3;
+/// Every subset of the classes.
+pub const MASKS: usize = 1 << CLASSES;
+/// Pod slots: index into `QL_QOS_PODS`, `QL_QOS_EDT` and `QL_QOS_STATS`.
+pub const MAX_PODS: u32 = 1024;
+
+/// Direction as seen from the pod: egress is what it sends.
+pub const DIR_EGRESS: u32 = 0;
+pub const DIR_INGRESS: u32 = 1;
+
+/// The pod has a rate table for its egress / ingress direction.
+pub const POD_F_EGRESS: u32 = 1;
+pub const POD_F_INGRESS: u32 = 2;
+
+/// One pod's policy as the datapath needs it: its class and, per direction, its rate in
+/// bytes per second under each activity mask.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QosPod {
+    pub class: u32,
+    /// `POD_F_*` bits.
+    pub flags: u32,
+    /// Bumped by userspace on every change, so sock_ops re-paces sockets only when it moves.
+    pub generation: u64,
+    pub egress: [u64; MASKS],
+    pub ingress: [u64; MASKS],
+}
+
+impl QosPod {
+    pub const EMPTY: Self = Self {
+        class: 0,
+        flags: 0,
+        generation: 0,
+        egress: [0; MASKS],
+        ingress: [0; MASKS],
+    };
+
+    #[inline(always)]
+    pub fn rate(&self, dir: u32, mask: u32) -> u64 {
+        let m = verifier_bounded_mask(mask);
+        let table = if dir == DIR_EGRESS {
+            &self.egress
+        } else {
+            &self.ingress
+        };
+        // `get`, not indexing: a bounds-check panic cannot be expressed in BPF.
+        table.get(m).copied().unwrap_or(0)
+    }
+
+    #[inline(always)]
+    pub fn shaped(&self, dir: u32) -> bool {
+        let bit = if dir == DIR_EGRESS {
+            POD_F_EGRESS
+        } else {
+            POD_F_INGRESS
+        };
+        self.flags & bit != 0
+    }
+}
+
+impl Default for QosPod {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
+/// `mask & (MASKS - 1)` in a form the verifier sees: LLVM drops an AND it can prove
+/// redundant, and the verifier, which cannot prove it, then refuses the indexed access.
+#[inline(always)]
+pub fn verifier_bounded_mask(mask: u32) -> usize {
+    #[cfg(target_arch = "bpf")]
+    {
+        let mut v = u64::from(mask);
+        // SAFETY: pure register arithmetic.
+        unsafe { core::arch::asm!("{0} &= 15", inout(reg) v) };
+        v as usize
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    {
+        (mask as usize) & (MASKS - 1)
+    }
+}
+
+const _: () = assert!(
+    MASKS == 16,
+    "verifier_bounded_mask hard-codes the mask width"
+);
+
+/// Key of `QL_QOS_ADDRS`: a pod address, so sock_ops can find the pod of either end of a
+/// socket on every kernel (the current-cgroup helpers are missing from sock_ops before ~6.8).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddrKey {
+    /// AF_INET or AF_INET6.
+    pub family: u32,
+    /// IPv4 in `addr[0]` (network byte order as the kernel gives it), IPv6 in all four.
+    pub addr: [u32; 4],
+}
+
+/// Per-CPU per (pod slot, direction) counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QosStats {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Packets CE-marked because they were more than `ce_threshold_ns` late.
+    pub marked: u64,
+    /// Packets dropped beyond the drop horizon.
+    pub dropped: u64,
+}
+
+/// Load-time settings of the tc object (`QL_QOS_CONFIG`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QosConfig {
+    pub abi_version: u32,
+    /// `QOS_F_*` bits.
+    pub flags: u32,
+    /// Packets later than this are dropped (and their time handed back).
+    pub horizon_ns: u64,
+    /// Packets later than this are CE-marked when ECN-capable.
+    pub ce_threshold_ns: u64,
+    /// A class counts as active for this long after its last packet.
+    pub active_window_ns: u64,
+}
+
+/// Shape at all (the tc programs only count without it).
+pub const QOS_F_ENABLED: u32 = 1;
+/// sch_fq is installed on the shaped devices: write the departure time into the packet.
+pub const QOS_F_FQ: u32 = 2;
+
+/// Index of a (slot, direction) pair in the per-aggregate arrays.
+#[inline(always)]
+pub fn aggregate(slot: u32, dir: u32) -> u32 {
+    slot * 2 + (dir & 1)
+}
+
+/// One class's recent traffic in one direction (`QL_QOS_ACTIVE`). A class competes for
+/// capacity only while it sends more than `threshold` bytes per window: a trickle (health
+/// checks, the ACKs of an upload) must not push lower classes down to their guarantees.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassActivity {
+    pub window_start: u64,
+    /// Bytes since `window_start`, added atomically.
+    pub bytes: u64,
+    /// The class competes until this time.
+    pub active_until: u64,
+    /// Written by userspace: bytes per window that make the class compete.
+    pub threshold: u64,
+}
+
+/// Share of the link, per mille, a class must use to compete.
+pub const ACTIVE_THRESHOLD_PER_MILLE: u64 = 10;
+
+/// Index of a class's activity in `QL_QOS_ACTIVE`.
+#[inline(always)]
+pub fn activity_slot(dir: u32, class: u32) -> u32 {
+    (dir & 1) * CLASSES as u32 + (class & (CLASSES as u32 - 1))
+}
+
+/// Which classes compete at `now`, given each one's `active_until`.
+#[inline(always)]
+pub fn active_mask(active_until: &[u64; CLASSES], now: u64) -> u32 {
+    let mut mask = 0;
+    let mut i = 0;
+    while i < CLASSES {
+        if active_until[i] > now {
+            mask |= 1 << i;
+        }
+        i += 1;
+    }
+    mask
+}
+
+/// The floor the datapath applies so a zero entry throttles hard instead of dividing by zero.
+pub const MIN_RATE_BYTES: u64 = 1_000;
+
+/// Nanoseconds `len` bytes occupy at `rate` bytes per second.
+#[inline(always)]
+pub fn transmit_ns(len: u64, rate: u64) -> u64 {
+    let rate = if rate < MIN_RATE_BYTES {
+        MIN_RATE_BYTES
+    } else {
+        rate
+    };
+    len * 1_000_000_000 / rate
+}
+
+/// What the shaper does with a packet that departs `late_ns` after now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// Pass, CE-marked if ECN-capable.
+    Mark,
+    Drop,
+}
+
+#[inline(always)]
+pub fn verdict(late_ns: u64, cfg: &QosConfig) -> Verdict {
+    if late_ns > cfg.horizon_ns {
+        Verdict::Drop
+    } else if late_ns > cfg.ce_threshold_ns {
+        Verdict::Mark
+    } else {
+        Verdict::Pass
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    // SAFETY (all): repr(C), Copy, no padding (asserted below).
+    unsafe impl aya::Pod for super::QosPod {}
+    unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::QosStats {}
+    unsafe impl aya::Pod for super::QosConfig {}
+    unsafe impl aya::Pod for super::ClassActivity {}
+}
+
+const _: () = assert!(core::mem::size_of::<QosPod>() == 16 + 2 * 8 * MASKS);
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
+const _: () = assert!(core::mem::size_of::<QosStats>() == 32);
+const _: () = assert!(core::mem::size_of::<QosConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<ClassActivity>() == 32);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_counts_classes_still_active() {
+        let until = [101, 0, 150, 10];
+        assert_eq!(active_mask(&until, 100), 0b0101);
+        assert_eq!(active_mask(&until, 200), 0);
+    }
+
+    #[test]
+    fn transmit_time_and_floor() {
+        // 1500 B at 12.5 MB/s (100 Mbit/s) = 120 us.
+        assert_eq!(transmit_ns(1500, 12_500_000), 120_000);
+        assert_eq!(transmit_ns(1000, 0), 1_000_000_000);
+    }
+
+    #[test]
+    fn verdict_thresholds() {
+        let cfg = QosConfig {
+            horizon_ns: 50,
+            ce_threshold_ns: 1,
+            ..QosConfig::default()
+        };
+        assert_eq!(verdict(1, &cfg), Verdict::Pass);
+        assert_eq!(verdict(2, &cfg), Verdict::Mark);
+        assert_eq!(verdict(51, &cfg), Verdict::Drop);
+    }
+}

@@ -1,0 +1,379 @@
+//! Bandwidth QoS against the real kernel on a simulated node, measured with iperf3: limits
+//! held for TCP (cubic, bbr) and UDP, priorities and guarantees under contention, live policy
+//! changes. The bypass stays on throughout, so a shaped pod cannot escape its limit through it.
+mod support;
+
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use simnode::{Node, Pod, Proc};
+use support::{counter, status, write_config, Agent};
+
+fn privileged(test: &str) -> bool {
+    simnode::privileged_or_skip(test)
+}
+
+const MBIT: f64 = 1e6;
+
+/// `[[qos.pods]]` for `pod` with its annotations.
+fn pod_entry(pod: &Pod, annotations: &[(&str, &str)]) -> String {
+    let ann: Vec<String> = annotations
+        .iter()
+        .map(|(k, v)| format!("{k:?} = {v:?}"))
+        .collect();
+    format!(
+        "[[qos.pods]]\nname = {:?}\ninterface = {:?}\naddresses = [\"{}\", \"{}\"]\nannotations = {{ {} }}\n",
+        pod.name(),
+        pod.host_ifname(),
+        pod.ipv4(),
+        pod.ipv6(),
+        ann.join(", ")
+    )
+}
+
+/// Bypass on (default), QoS on with `node_keys` and `pods` (`pod_entry` output).
+fn qos_config(node: &Node, node_keys: &str, pods: &str) -> std::path::PathBuf {
+    write_config(
+        node,
+        &format!("[qos]\nenabled = true\nmode = \"policer\"\n{node_keys}\n{pods}"),
+    )
+}
+
+/// An iperf3 server in `pod`, killed when the guard drops.
+fn iperf_server(pod: &Pod, port: u16) -> Proc {
+    let mut cmd = pod.command("iperf3");
+    // -J: the client's --get-server-output then carries the server's JSON, whose
+    // intervals are what actually arrived.
+    cmd.args(["-s", "-J", "-i", "0.5", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let proc = pod.spawn(&mut cmd).expect("spawn iperf3 server");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Ready once the port is listening; a probe connection would count as a (failed) test.
+    let listening = format!(":{port:04X} 00000000000000000000000000000000:0000 0A");
+    while !pod
+        .in_netns(|| {
+            std::fs::read_to_string("/proc/thread-self/net/tcp6")
+                .is_ok_and(|t| t.contains(&listening))
+        })
+        .unwrap()
+    {
+        assert!(Instant::now() < deadline, "iperf3 server not listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proc
+}
+
+/// What one iperf3 client run measured at the receiver.
+#[derive(Debug)]
+struct Measured {
+    bits_per_sec: f64,
+    retransmits: u64,
+    bytes: u64,
+    /// Per-second receiver rates, for preemption and stability checks.
+    intervals: Vec<f64>,
+}
+
+/// Runs an iperf3 client in `from` against `to`'s server; `extra` adds e.g. `-C bbr` or
+/// `-u -b 400M`.
+fn iperf(from: &Pod, to: &Pod, port: u16, secs: u32, extra: &[&str]) -> Measured {
+    measured(
+        &iperf_spawn(from, to, port, secs, extra)
+            .wait_with_output()
+            .unwrap(),
+    )
+}
+
+fn iperf_spawn(from: &Pod, to: &Pod, port: u16, secs: u32, extra: &[&str]) -> std::process::Child {
+    from.command("iperf3")
+        .args(["-c", &to.ipv4().to_string(), "-p", &port.to_string()])
+        .args(["-t", &secs.to_string(), "-J", "--get-server-output"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run iperf3")
+}
+
+fn measured(out: &std::process::Output) -> Measured {
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "iperf3 output is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    assert!(json.get("error").is_none(), "iperf3: {}", json["error"]);
+    let end = &json["end"];
+    // The server's own view: what arrived, interval by interval.
+    let server = &json["server_output_json"];
+    let intervals: Vec<f64> = server["intervals"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
+                .collect()
+        })
+        .unwrap_or_default();
+    let received = &end["sum_received"];
+    Measured {
+        bits_per_sec: received["bits_per_second"].as_f64().unwrap(),
+        retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+        bytes: received["bytes"].as_u64().unwrap(),
+        intervals,
+    }
+}
+
+fn assert_within(what: &str, measured: f64, target: f64, tolerance: f64) {
+    let ratio = measured / target;
+    assert!(
+        (1.0 - tolerance..=1.0 + tolerance).contains(&ratio),
+        "{what}: {:.1} Mbit/s is {:.3}x the target {:.1} Mbit/s (allowed +-{:.0} %)",
+        measured / MBIT,
+        ratio,
+        target / MBIT,
+        tolerance * 100.0
+    );
+}
+
+#[test]
+fn a_pods_egress_limit_holds_for_tcp_cubic_bbr_and_udp() {
+    if !privileged("qos egress limit test") {
+        return;
+    }
+    let node = Node::new(2).unwrap();
+    let (a, b) = (node.pod(0), node.pod(1));
+    let limit = 200.0 * MBIT;
+    let config = qos_config(
+        &node,
+        "capacity = \"10G\"",
+        &format!(
+            "{}{}",
+            pod_entry(a, &[("kubernetes.io/egress-bandwidth", "200M")]),
+            pod_entry(b, &[])
+        ),
+    );
+    let agent = Agent::start(&node, &config, false);
+    for (i, cc) in ["cubic", "bbr"].into_iter().enumerate() {
+        let port = 5201 + i as u16;
+        let _srv = iperf_server(b, port);
+        let m = iperf(a, b, port, 4, &["-C", cc]);
+        eprintln!("tcp {cc}: {m:?}");
+        assert_within(&format!("TCP {cc}"), m.bits_per_sec, limit, 0.05);
+        // Segments of at most 1448 B payload: retransmits under 1 % of them.
+        let segments = m.bytes / 1448;
+        assert!(
+            m.retransmits * 100 < segments.max(1),
+            "TCP {cc}: {} retransmits of ~{segments} segments",
+            m.retransmits
+        );
+    }
+    let _srv = iperf_server(b, 5203);
+    let m = iperf(a, b, 5203, 4, &["-u", "-b", "400M", "-l", "1400"]);
+    eprintln!("udp: {m:?}");
+    assert_within("UDP", m.bits_per_sec, limit, 0.05);
+
+    let s = status(&node);
+    assert!(counter(&s, "sockops", "conn_paced") >= 2, "{s:#}");
+    assert!(
+        counter(&s, "tc", "qos_dropped") > 0,
+        "UDP over the limit must be dropped"
+    );
+    let pods = s["qos"]["pods"].as_array().unwrap();
+    assert!(pods[0]["egress"]["bytes"].as_u64().unwrap() > 0, "{s:#}");
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{log}");
+    node.teardown().unwrap();
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len() as f64
+}
+
+#[test]
+fn priorities_hold_shares_and_guarantees_and_lend_idle_capacity() {
+    if !privileged("qos priority test") {
+        return;
+    }
+    let node = Node::new(3).unwrap();
+    let (hi, lo, sink) = (node.pod(0), node.pod(1), node.pod(2));
+    let config = qos_config(
+        &node,
+        "capacity = \"300M\"",
+        &format!(
+            "{}{}{}",
+            pod_entry(hi, &[("quicklane.io/priority", "0")]),
+            pod_entry(
+                lo,
+                &[
+                    ("quicklane.io/priority", "2"),
+                    ("quicklane.io/egress-guarantee", "50M")
+                ]
+            ),
+            pod_entry(sink, &[])
+        ),
+    );
+    let agent = Agent::start(&node, &config, false);
+    let (_s1, _s2) = (iperf_server(sink, 5301), iperf_server(sink, 5302));
+    // lo runs 7 s in half-second intervals; hi joins from 2 s to 5 s.
+    let lo_run = iperf_spawn(lo, sink, 5301, 7, &["-i", "0.5"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let hi_m = iperf(hi, sink, 5302, 3, &["-i", "0.5"]);
+    let lo_m = measured(&lo_run.wait_with_output().unwrap());
+    eprintln!("hi: {hi_m:?}\nlo: {lo_m:?}");
+    let lo_iv = &lo_m.intervals;
+    assert!(lo_iv.len() >= 13, "{lo_iv:?}");
+    // Alone, the low class borrows the whole link.
+    assert_within("lo alone", mean(&lo_iv[1..3]), 300.0 * MBIT, 0.07);
+    // Together: hi gets everything but lo's guarantee, lo keeps its guarantee.
+    assert_within(
+        "hi under contention",
+        mean(&hi_m.intervals[1..]),
+        250.0 * MBIT,
+        0.05,
+    );
+    assert_within("lo's guarantee", mean(&lo_iv[6..9]), 50.0 * MBIT, 0.07);
+    // hi's first half second already has (nearly) its share: preemption is immediate.
+    assert!(
+        hi_m.intervals[0] > 0.9 * 250.0 * MBIT,
+        "{:?}",
+        hi_m.intervals
+    );
+    // hi gone: lo takes the link back.
+    assert_within("lo after hi left", mean(&lo_iv[12..14]), 300.0 * MBIT, 0.07);
+    assert_eq!(hi_m.retransmits + lo_m.retransmits, 0);
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{log}");
+    node.teardown().unwrap();
+}
+
+/// Rewrites the QoS pods and waits until the agent applied them (SIGHUP).
+fn reload_pods(node: &Node, agent: &Agent, node_keys: &str, pods: &str) {
+    support::reload_watching(
+        node,
+        agent,
+        &format!("[qos]\nenabled = true\nmode = \"policer\"\n{node_keys}\n{pods}"),
+        "/qos/generation",
+    );
+}
+
+#[test]
+fn an_ingress_limit_holds_changes_live_and_lifts_when_removed() {
+    if !privileged("qos ingress test") {
+        return;
+    }
+    let node = Node::new(2).unwrap();
+    let (a, b) = (node.pod(0), node.pod(1));
+    let limited = |rate: &str| {
+        format!(
+            "{}{}",
+            pod_entry(a, &[]),
+            pod_entry(b, &[("kubernetes.io/ingress-bandwidth", rate)])
+        )
+    };
+    let keys = "capacity = \"10G\"";
+    let config = qos_config(&node, keys, &limited("100M"));
+    let agent = Agent::start(&node, &config, false);
+    let _srv = iperf_server(b, 5401);
+    // The sender is paced for the receiver's ingress limit (both on this node).
+    let m = iperf(a, b, 5401, 3, &[]);
+    assert_within(
+        "TCP into a 100M ingress limit",
+        m.bits_per_sec,
+        100.0 * MBIT,
+        0.05,
+    );
+    assert_eq!(m.retransmits, 0);
+    let m = iperf(a, b, 5401, 3, &["-u", "-b", "300M", "-l", "1400"]);
+    assert_within(
+        "UDP into a 100M ingress limit",
+        m.bits_per_sec,
+        100.0 * MBIT,
+        0.05,
+    );
+
+    // A running connection follows a live change of the annotation.
+    let run = iperf_spawn(a, b, 5401, 6, &[]);
+    std::thread::sleep(Duration::from_millis(2500));
+    reload_pods(&node, &agent, keys, &limited("300M"));
+    let m = measured(&run.wait_with_output().unwrap());
+    let iv = &m.intervals;
+    assert!(iv.len() >= 12, "{iv:?}");
+    assert_within("before the change", mean(&iv[1..4]), 100.0 * MBIT, 0.05);
+    assert_within("after the change", mean(&iv[7..11]), 300.0 * MBIT, 0.05);
+
+    // Removing the limit restores full speed, on the same connection too.
+    let run = iperf_spawn(a, b, 5401, 5, &[]);
+    std::thread::sleep(Duration::from_millis(2000));
+    reload_pods(
+        &node,
+        &agent,
+        keys,
+        &format!("{}{}", pod_entry(a, &[]), pod_entry(b, &[])),
+    );
+    let m = measured(&run.wait_with_output().unwrap());
+    let after = mean(&m.intervals[6..9]);
+    assert!(
+        after > 3.0 * 300.0 * MBIT,
+        "unlimited again: {:.0} Mbit/s ({:?})",
+        after / MBIT,
+        m.intervals
+    );
+    let s = status(&node);
+    assert!(counter(&s, "sockops", "pacing_released") > 0, "{s:#}");
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{log}");
+    node.teardown().unwrap();
+}
+
+#[test]
+fn a_bypassed_connection_is_held_to_a_limit_that_appears_live() {
+    if !privileged("qos bypass accountability test") {
+        return;
+    }
+    let node = Node::new(2).unwrap();
+    let (a, b) = (node.pod(0), node.pod(1));
+    let keys = "capacity = \"10G\"";
+    let unlimited = format!("{}{}", pod_entry(a, &[]), pod_entry(b, &[]));
+    let config = qos_config(&node, keys, &unlimited);
+    let agent = Agent::start(&node, &config, false);
+    let _srv = iperf_server(b, 5501);
+    let run = iperf_spawn(a, b, 5501, 6, &[]);
+    std::thread::sleep(Duration::from_millis(2000));
+    let before = status(&node);
+    assert!(
+        counter(&before, "sockops", "msg_redirected") > 0,
+        "the unlimited connection is bypassed: {before:#}"
+    );
+    reload_pods(
+        &node,
+        &agent,
+        keys,
+        &format!(
+            "{}{}",
+            pod_entry(a, &[("kubernetes.io/egress-bandwidth", "100M")]),
+            pod_entry(b, &[])
+        ),
+    );
+    let m = measured(&run.wait_with_output().unwrap());
+    let iv = &m.intervals;
+    assert!(mean(&iv[1..3]) > 1000.0 * MBIT, "bypassed before: {iv:?}");
+    // The bypass gave the connection up at its next message; tc holds it to the limit.
+    let held = mean(&iv[7..11]);
+    assert!(
+        held < 1.05 * 100.0 * MBIT,
+        "{:.0} Mbit/s after the limit: {iv:?}",
+        held / MBIT
+    );
+    let after = status(&node);
+    assert!(
+        counter(&after, "sockops", "conn_locked_tcp") > 0,
+        "{after:#}"
+    );
+    assert!(counter(&after, "tc", "qos_shaped_packets") > 0, "{after:#}");
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{log}");
+    node.teardown().unwrap();
+}

@@ -1,0 +1,128 @@
+//! TCP pacing for shaped pods: a socket whose local pod has an egress rate, or whose peer is a
+//! pod on this node with an ingress rate, gets `SO_MAX_PACING_RATE` from the QoS rate table,
+//! re-read at every RTT sample so a change of allocation (a new policy, a higher class
+//! becoming active) reaches the socket within one round trip, without userspace in the loop.
+//! TCP then sends at the rate itself, so the tc shaper behind it has nothing to mark or drop;
+//! and such connections ask for ECN, so what the shaper does mark slows them without a loss.
+use aya_ebpf::{
+    bindings::{BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG},
+    helpers::bpf_setsockopt,
+    programs::SockOpsContext,
+};
+use quicklane_common::{
+    counters::sockops as c,
+    qos::{active_mask, activity_slot, AddrKey, QosPod, CLASSES, DIR_EGRESS, DIR_INGRESS},
+    sock::SockKey,
+    SOCKOPS_F_PACING,
+};
+
+use super::maps::{config_flags, count, QL_QOS_ACTIVE, QL_QOS_ADDRS, QL_QOS_PODS};
+
+const SOL_SOCKET: i32 = 1;
+const SO_MAX_PACING_RATE: i32 = 47;
+/// TCP paces payload; the shaper counts each (GSO) packet with its Ethernet, IP and TCP
+/// headers (14 + 20 + 32 bytes with timestamps). TCP sizes GSO packets to about 1 ms of its
+/// pacing rate, at least two segments, so that is the packet size the overhead is taken on.
+const HEADER_BYTES: u64 = 66;
+const MIN_GSO_BYTES: u64 = 2 * 1448;
+/// Margin on top, so TCP never queues against the shaper and never meets its drop horizon.
+const MARGIN_PER_MILLE: u64 = 995;
+
+/// Starts pacing a newly established socket if either end is shaped; true if it is paced.
+pub fn start(ctx: &SockOpsContext, key: &SockKey) -> bool {
+    if config_flags() & SOCKOPS_F_PACING == 0 || !apply(ctx, key) {
+        return false;
+    }
+    count(c::CONN_PACED, 1);
+    let flags = BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG;
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | flags) as i32);
+    true
+}
+
+/// Whether either end of the connection is shaped. Such connections ask for ECN (so the
+/// shaper's CE marks slow them before anything is dropped) and stay off the bypass.
+pub fn shaped(key: &SockKey) -> bool {
+    if config_flags() & SOCKOPS_F_PACING == 0 {
+        return false;
+    }
+    pod_at(key.family, key.local_ip).is_some_and(|p| p.shaped(DIR_EGRESS))
+        || pod_at(key.family, key.remote_ip).is_some_and(|p| p.shaped(DIR_INGRESS))
+}
+
+/// Re-applies the rate at an RTT sample of a paced socket. A socket whose pods lost their
+/// policy gets its pacing cap lifted and stops asking for RTT callbacks.
+pub fn refresh(ctx: &SockOpsContext, key: &SockKey) {
+    if config_flags() & SOCKOPS_F_PACING != 0 && apply(ctx, key) {
+        count(c::PACING_UPDATES, 1);
+        return;
+    }
+    set_max_pacing_rate(ctx, u32::MAX);
+    count(c::PACING_RELEASED, 1);
+    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+}
+
+fn apply(ctx: &SockOpsContext, key: &SockKey) -> bool {
+    // SAFETY: plain helper call.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let mut rate = u64::MAX;
+    if let Some(pod) = pod_at(key.family, key.local_ip) {
+        if pod.shaped(DIR_EGRESS) {
+            rate = rate.min(pod.rate(DIR_EGRESS, mask(DIR_EGRESS, pod.class, now)));
+        }
+    }
+    if let Some(pod) = pod_at(key.family, key.remote_ip) {
+        if pod.shaped(DIR_INGRESS) {
+            rate = rate.min(pod.rate(DIR_INGRESS, mask(DIR_INGRESS, pod.class, now)));
+        }
+    }
+    if rate == u64::MAX {
+        return false;
+    }
+    set_max_pacing_rate(ctx, payload_rate(rate).min(u64::from(u32::MAX)) as u32);
+    true
+}
+
+/// `u32::MAX` is "unlimited", the kernel's default.
+fn set_max_pacing_rate(ctx: &SockOpsContext, bytes_per_sec: u32) {
+    let mut optval = bytes_per_sec;
+    // SAFETY: helper on the live sock_ops context with a 4-byte option, as the kernel
+    // requires for SO_MAX_PACING_RATE.
+    unsafe {
+        bpf_setsockopt(
+            ctx.ops.cast(),
+            SOL_SOCKET,
+            SO_MAX_PACING_RATE,
+            (&raw mut optval).cast(),
+            4,
+        );
+    }
+}
+
+/// The payload rate whose packets, headers included, fit within `rate` (bytes per second).
+#[inline(always)]
+fn payload_rate(rate: u64) -> u64 {
+    let gso = (rate / 1000).max(MIN_GSO_BYTES);
+    rate / (gso + HEADER_BYTES) * gso / 1000 * MARGIN_PER_MILLE
+}
+
+#[inline(always)]
+fn pod_at(family: u32, addr: [u32; 4]) -> Option<&'static QosPod> {
+    let key = AddrKey { family, addr };
+    // SAFETY: the slot is copied out at once.
+    let slot = *unsafe { QL_QOS_ADDRS.get(&key) }?;
+    QL_QOS_PODS.get(slot)
+}
+
+/// The active-class mask the tc shaper would use for this pod's next packet.
+#[inline(always)]
+fn mask(dir: u32, class: u32, now: u64) -> u32 {
+    let mut until = [0u64; CLASSES];
+    let mut i = 0;
+    while i < CLASSES {
+        if let Some(a) = QL_QOS_ACTIVE.get(activity_slot(dir, i as u32)) {
+            until[i] = a.active_until;
+        }
+        i += 1;
+    }
+    active_mask(&until, now) | (1 << (class as usize & (CLASSES - 1)))
+}
