@@ -66,15 +66,27 @@ pub fn run(config_path: &Path, keep_datapath: bool) -> Result<(), AgentError> {
             attachments = state.attachments.len(),
             "quicklane agent ready"
         );
-        while signals.next() == Signal::Reload {
-            match reload(config_path, &config, &mut datapath) {
-                Ok(()) => {
-                    state.rules = datapath.rules().cloned();
-                    state.qos = datapath.qos().cloned();
-                    write_state(&state)?;
-                }
-                // A bad edit must not take the running datapath down: keep the old rules.
-                Err(e) => tracing::error!("SIGHUP: configuration not applied: {e}"),
+        let tick = config.qos.enabled.then_some(QOS_TICK);
+        loop {
+            match signals.next(tick) {
+                Signal::Stop => break,
+                Signal::Reload => match reload(config_path, &config, &mut datapath) {
+                    Ok(()) => {
+                        state.rules = datapath.rules().cloned();
+                        state.qos = datapath.qos().cloned();
+                        write_state(&state)?;
+                    }
+                    // A bad edit must not take the running datapath down: keep the old rules.
+                    Err(e) => tracing::error!("SIGHUP: configuration not applied: {e}"),
+                },
+                Signal::Tick => match datapath.tick_qos() {
+                    Ok(true) => {
+                        state.qos = datapath.qos().cloned();
+                        write_state(&state)?;
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("qos: reading pod activity: {e}"),
+                },
             }
         }
         Ok(())
@@ -93,19 +105,26 @@ fn reload(path: &Path, running: &Config, datapath: &mut Datapath) -> Result<(), 
     if new.without_live_rules() != running.without_live_rules() {
         tracing::warn!("SIGHUP: only the bypass include/exclude rules and the QoS policy (capacity, percents, pod annotations) change live; restart the agent for the other changes");
     }
-    if running.bypass.enabled {
-        datapath.reload_rules(&new)?;
-    }
+    // QoS first: the bypass rules' generation bump makes sk_msg re-judge every bypassed
+    // connection, and a pod that just became shaped must already be shaped when it does.
     if running.qos.enabled && new.qos.enabled {
         datapath.reload_qos(&new)?;
     }
+    if running.bypass.enabled {
+        datapath.reload_rules(&new)?;
+    }
     Ok(())
 }
+
+/// How often QoS looks at which pods send (see `datapath::qos::activity`).
+const QOS_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, PartialEq, Eq)]
 enum Signal {
     Stop,
     Reload,
+    /// `tick` passed without a signal.
+    Tick,
 }
 
 struct Signals {
@@ -133,9 +152,16 @@ impl Signals {
         Ok(Self { rt, term, int, hup })
     }
 
-    fn next(&mut self) -> Signal {
+    fn next(&mut self, tick: Option<std::time::Duration>) -> Signal {
         self.rt.block_on(async {
+            let tick = async {
+                match tick {
+                    Some(t) => tokio::time::sleep(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                () = tick => Signal::Tick,
                 _ = self.term.recv() => { tracing::info!("SIGTERM: stopping"); Signal::Stop }
                 _ = self.int.recv() => { tracing::info!("SIGINT: stopping"); Signal::Stop }
                 _ = self.hup.recv() => { tracing::info!("SIGHUP: reloading the bypass rules and the QoS policy"); Signal::Reload }

@@ -20,8 +20,17 @@ use super::DatapathError;
 
 /// "ql" in ASCII: the handle major of every qdisc quicklane installs.
 pub const HANDLE_MAJOR: u16 = 0x716c;
-/// Root qdiscs the kernel sets up by itself, safe to replace and to restore by deletion.
-const DEFAULT_KINDS: &[&str] = &["noqueue", "pfifo_fast", "mq", "fq_codel", "pfifo"];
+/// Root qdiscs the kernel sets up by itself, safe to replace and to restore by deletion
+/// ("noop": a device that is down; "none": nothing listed for it yet).
+const DEFAULT_KINDS: &[&str] = &[
+    "noqueue",
+    "noop",
+    "none",
+    "pfifo_fast",
+    "mq",
+    "fq_codel",
+    "pfifo",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Installed {
@@ -33,8 +42,8 @@ pub enum Installed {
 
 /// Installs fq on `ifindex` (mq with one fq per queue on multi-queue devices).
 pub fn install(ifname: &str, ifindex: u32) -> Result<Installed, DatapathError> {
-    let queues = tx_queues(ifname);
     run(ifname, async move |handle| {
+        let queues = tx_queues(&handle, ifindex).await?;
         let root = root_qdisc(&handle, ifindex).await?;
         if let Some((h, _)) = &root {
             if h.major == HANDLE_MAJOR {
@@ -150,15 +159,19 @@ async fn ack(
     Ok(())
 }
 
-/// Transmit queues as sysfs lists them (1 when unreadable: a single fq is always valid).
-fn tx_queues(ifname: &str) -> u16 {
-    std::fs::read_dir(format!("/sys/class/net/{ifname}/queues"))
-        .map_or(1, |d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("tx-"))
-                .count()
-        })
-        .clamp(1, 0x7fff) as u16
+/// The device's transmit queues, as the kernel reports them in the agent's namespace.
+async fn tx_queues(handle: &Handle, ifindex: u32) -> Result<u16, String> {
+    use rtnetlink::packet_route::link::LinkAttribute;
+    let mut links = handle.link().get().match_index(ifindex).execute();
+    while let Some(link) = links.next().await {
+        let link = link.map_err(|e| format!("reading the device: {e}"))?;
+        for attr in link.attributes {
+            if let LinkAttribute::NumTxQueues(n) = attr {
+                return Ok(n.clamp(1, 0x7fff) as u16);
+            }
+        }
+    }
+    Ok(1)
 }
 
 fn run<T, F, Fut>(ifname: &str, f: F) -> Result<T, DatapathError>

@@ -162,10 +162,8 @@ impl Datapath {
             this.undo_partial_start();
             return Err(e);
         }
-        if let Err(e) = this.attach_all(&wanted, config, &mut loaded) {
-            this.undo_partial_start();
-            return Err(e);
-        }
+        // QoS before anything is attached: the first sockets and packets already meet the
+        // policy (a socket judged for the bypass without it would never be judged again).
         if let Some(enforcement) = enforcement {
             let started = this
                 .ensure_maps(
@@ -181,6 +179,15 @@ impl Datapath {
                     return Err(e);
                 }
             }
+        }
+        if let Err(e) = this.attach_all(&wanted, config, &mut loaded) {
+            if let Some(q) = this.qos.take() {
+                if let Err(e) = q.shutdown() {
+                    tracing::warn!("undoing a failed start: {e}");
+                }
+            }
+            this.undo_partial_start();
+            return Err(e);
         }
         Ok(this)
     }
@@ -210,6 +217,18 @@ impl Datapath {
         match &mut self.qos {
             Some(state) => state.reload(&self.pins, config),
             None => Ok(()),
+        }
+    }
+
+    /// Periodic QoS upkeep (see `qos::QosState::tick`); true if the policy was rewritten.
+    pub fn tick_qos(&mut self) -> Result<bool, DatapathError> {
+        match &mut self.qos {
+            Some(state) => {
+                let before = state.summary().generation;
+                state.tick(&self.pins)?;
+                Ok(state.summary().generation != before)
+            }
+            None => Ok(false),
         }
     }
 

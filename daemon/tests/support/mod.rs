@@ -79,6 +79,15 @@ impl Agent {
         self.proc.id()
     }
 
+    /// SIGHUP, without waiting for anything (see `reload` for a reload that must apply).
+    pub fn hangup(&self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.proc.id().cast_signed()),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+    }
+
     /// SIGTERM, then the exit status and everything the agent logged.
     pub fn stop(mut self) -> (ExitStatus, String) {
         nix::sys::signal::kill(
@@ -268,11 +277,7 @@ pub fn reload_watching(node: &Node, agent: &Agent, extra: &str, pointer: &str) {
     };
     let before = generation();
     write_config(node, extra);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.pid().cast_signed()),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    agent.hangup();
     eventually("the agent applied the reloaded configuration", || {
         generation() > before
     });

@@ -73,9 +73,23 @@ pub fn shape(ctx: &TcContext, dir: u32) -> Option<i32> {
         Verdict::Pass => {}
     }
     if cfg.flags & QOS_F_FQ != 0 {
-        // SAFETY: helper on the live skb. A failure leaves the packet unscheduled, which fq
-        // sends at once: the policer arithmetic above still bounds the rate.
-        let _ = unsafe { bpf_skb_set_tstamp(ctx.skb.skb, departure, TSTAMP_MONO) };
+        // A later departure already on the packet (TCP's own pacing, or the sender pod's
+        // egress limit on a packet now entering the receiver) wins: both limits hold.
+        // Only a monotonic delivery time counts: at ingress the field may hold a receive
+        // timestamp from another clock.
+        // SAFETY: the context's skb pointer is valid for the program's run.
+        let existing = unsafe {
+            if u32::from((*ctx.skb.skb).tstamp_type) == TSTAMP_MONO {
+                (*ctx.skb.skb).tstamp
+            } else {
+                0
+            }
+        };
+        if departure > existing {
+            // SAFETY: helper on the live skb. A failure leaves the packet unscheduled, which
+            // fq sends at once: the policer arithmetic above still bounds the rate.
+            let _ = unsafe { bpf_skb_set_tstamp(ctx.skb.skb, departure, TSTAMP_MONO) };
+        }
     }
     bump(stats, |s| {
         s.packets += 1;

@@ -6,31 +6,34 @@
 //! so a packet never finds a slot whose row is missing.
 use std::{collections::BTreeMap, net::IpAddr};
 
-use aya::maps::{Array, Map, MapData};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
 use quicklane_common::{
     qos::{
-        AddrKey, ClassActivity, QosConfig as BpfQosConfig, QosPod, ACTIVE_THRESHOLD_PER_MILLE,
-        CLASS_OFFLINE, MASKS, MAX_PODS, POD_F_EGRESS, POD_F_INGRESS, QOS_F_ENABLED, QOS_F_FQ,
+        aggregate, AddrKey, ClassActivity, QosPod, QosStats, ACTIVE_THRESHOLD_PER_MILLE,
+        CLASS_OFFLINE, DIR_EGRESS, DIR_INGRESS, MASKS, MAX_PODS, POD_F_EGRESS, POD_F_INGRESS,
     },
     sock::{AF_INET, AF_INET6},
 };
 use quicklane_qos::{rate_table, Direction, PodDemand, PodPolicy};
 use serde::{Deserialize, Serialize};
 
+mod activity;
+mod state;
+
+pub use activity::Activity;
+pub use state::{bpf_config, enforcement, QosState};
+
 use super::{
     rules::{map_err, sync_hash, typed},
     DatapathError,
 };
-use crate::{
-    config::{Config, QosConfig, QosMode, QosPolicy},
-    features::Support,
-    paths::PinDir,
-};
+use crate::{config::QosPolicy, paths::PinDir};
 
 pub const PODS_MAP: &str = "QL_QOS_PODS";
 pub const IFINDEX_MAP: &str = "QL_QOS_IFINDEX";
 pub const ADDRS_MAP: &str = "QL_QOS_ADDRS";
 pub const ACTIVE_MAP: &str = "QL_QOS_ACTIVE";
+pub const STATS_MAP: &str = "QL_QOS_STATS";
 
 /// How packets are held to their departure times.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -72,25 +75,31 @@ pub struct QosPodSummary {
     pub ingress_bps: Option<u64>,
 }
 
+/// Runs the allocator for `policy` with the pods `activity` says are sending, and writes
+/// the result.
 pub fn apply(
     pins: &PinDir,
     policy: &QosPolicy,
     enforcement: Enforcement,
     generation: u64,
     window_ms: u32,
+    activity: &Activity,
 ) -> Result<QosSummary, DatapathError> {
     let shaped: Vec<usize> = (0..policy.pods.len())
-        .filter(|&i| !policy.pods[i].1.is_unlimited())
+        .filter(|&i| policy.pods[i].0.managed())
         .collect();
-    let demands: Vec<PodDemand> = shaped
-        .iter()
-        .map(|&i| PodDemand {
-            policy: policy.pods[i].1,
-            active: true,
-        })
-        .collect();
-    let egress = rate_table(&policy.node, &demands, Direction::Egress);
-    let ingress = rate_table(&policy.node, &demands, Direction::Ingress);
+    let table = |dir: Direction| {
+        let demands: Vec<PodDemand> = shaped
+            .iter()
+            .map(|&i| PodDemand {
+                policy: policy.pods[i].1,
+                active: activity.is_active(i, dir),
+            })
+            .collect();
+        rate_table(&policy.node, &demands, dir)
+    };
+    let egress = table(Direction::Egress);
+    let ingress = table(Direction::Ingress);
 
     let mut rows = vec![QosPod::EMPTY; policy.pods.len()];
     for (row, &i) in shaped.iter().enumerate() {
@@ -148,10 +157,10 @@ pub fn apply(
         .pods
         .iter()
         .enumerate()
-        .map(|(slot, (pod, p))| {
+        .map(|(slot, (pod, _))| {
             let row = &rows[slot];
             let alone = 1usize << (row.class as usize);
-            let unshaped = p.is_unlimited();
+            let unshaped = !pod.managed();
             QosPodSummary {
                 name: pod.name.clone(),
                 slot: slot as u32,
@@ -174,6 +183,25 @@ pub fn apply(
         capacity_bps: policy.node.capacity.bits_per_sec(),
         pods,
     })
+}
+
+/// Each pod's shaped bytes so far, `[egress, ingress]`, summed over CPUs.
+fn read_bytes(pins: &PinDir, pods: usize) -> Result<Vec<[u64; 2]>, DatapathError> {
+    let stats: PerCpuArray<MapData, QosStats> = typed(pins, STATS_MAP, Map::PerCpuArray)?;
+    (0..pods as u32)
+        .map(|slot| {
+            let mut out = [0; 2];
+            for (i, dir) in [DIR_EGRESS, DIR_INGRESS].into_iter().enumerate() {
+                out[i] = stats
+                    .get(&aggregate(slot, dir), 0)
+                    .map_err(|e| map_err(STATS_MAP, &e))?
+                    .iter()
+                    .map(|s| s.bytes)
+                    .sum();
+            }
+            Ok(out)
+        })
+        .collect()
 }
 
 /// Bytes per activity window above which a class competes for capacity.
@@ -218,143 +246,4 @@ fn addr_key(addr: IpAddr) -> AddrKey {
             }
         }
     }
-}
-
-/// Picks fq or the policer for `mode`; asking for fq on a kernel without it is an error.
-pub fn enforcement(mode: QosMode) -> Result<Enforcement, DatapathError> {
-    if mode == QosMode::Policer {
-        return Ok(Enforcement::Policer);
-    }
-    let fq = crate::features::netlink::probe_in_throwaway_netns().fq;
-    match (mode, fq) {
-        (_, Support::Available) => Ok(Enforcement::Fq),
-        (QosMode::Auto, _) => Ok(Enforcement::Policer),
-        (_, other) => Err(DatapathError::Qos(format!(
-            "qos.mode = \"fq\" but sch_fq is not usable here ({other:?}); use \"auto\" or \"policer\""
-        ))),
-    }
-}
-
-/// The tc object's load-time settings.
-pub fn bpf_config(qos: &QosConfig, enforcement: Option<Enforcement>) -> BpfQosConfig {
-    let ms = 1_000_000;
-    BpfQosConfig {
-        abi_version: quicklane_common::ABI_VERSION,
-        flags: match enforcement {
-            None => 0,
-            Some(Enforcement::Policer) => QOS_F_ENABLED,
-            Some(Enforcement::Fq) => QOS_F_ENABLED | QOS_F_FQ,
-        },
-        horizon_ns: u64::from(qos.horizon_ms) * ms,
-        ce_threshold_ns: u64::from(qos.ce_threshold_us) * 1000,
-        active_window_ns: u64::from(qos.active_window_ms) * ms,
-    }
-}
-
-/// QoS while the agent runs: the qdiscs it installed and the last policy it wrote.
-#[derive(Debug)]
-pub struct QosState {
-    summary: QosSummary,
-    /// Interfaces carrying our fq, removed at shutdown.
-    fq: Vec<(String, u32)>,
-}
-
-impl QosState {
-    pub fn start(
-        pins: &PinDir,
-        config: &Config,
-        enforcement: Enforcement,
-    ) -> Result<Self, DatapathError> {
-        let policy = config
-            .qos
-            .policy()
-            .map_err(|e| DatapathError::Qos(format!("`{}` = {}: {}", e.key, e.value, e.allowed)))?;
-        let mut this = Self {
-            summary: QosSummary {
-                enforcement,
-                generation: 0,
-                capacity_bps: 0,
-                pods: Vec::new(),
-            },
-            fq: Vec::new(),
-        };
-        if enforcement == Enforcement::Fq {
-            for (pod, _) in &policy.pods {
-                let installed = nix::net::if_::if_nametoindex(pod.interface.as_str())
-                    .map_err(|source| DatapathError::NoInterface {
-                        key: "qos.pods.interface",
-                        ifname: pod.interface.clone(),
-                        source,
-                    })
-                    .and_then(|ifindex| {
-                        super::fq::install(&pod.interface, ifindex).map(|i| (ifindex, i))
-                    });
-                match installed {
-                    Ok((ifindex, how)) => {
-                        tracing::info!(interface = %pod.interface, ?how, "fq installed");
-                        this.fq.push((pod.interface.clone(), ifindex));
-                    }
-                    Err(e) => {
-                        let _ = this.shutdown();
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        match apply(pins, &policy, enforcement, 1, config.qos.active_window_ms) {
-            Ok(summary) => {
-                log(&summary);
-                this.summary = summary;
-                Ok(this)
-            }
-            Err(e) => {
-                let _ = this.shutdown();
-                Err(e)
-            }
-        }
-    }
-
-    pub fn reload(&mut self, pins: &PinDir, config: &Config) -> Result<(), DatapathError> {
-        let policy = config
-            .qos
-            .policy()
-            .map_err(|e| DatapathError::Qos(format!("`{}` = {}: {}", e.key, e.value, e.allowed)))?;
-        let summary = apply(
-            pins,
-            &policy,
-            self.summary.enforcement,
-            self.summary.generation + 1,
-            config.qos.active_window_ms,
-        )?;
-        log(&summary);
-        self.summary = summary;
-        Ok(())
-    }
-
-    pub fn summary(&self) -> &QosSummary {
-        &self.summary
-    }
-
-    /// Removes the qdiscs we installed; the rate maps go with the pins.
-    pub fn shutdown(self) -> Result<(), DatapathError> {
-        let mut first = Ok(());
-        for (ifname, ifindex) in &self.fq {
-            if let Err(e) = super::fq::remove(ifname, *ifindex) {
-                tracing::warn!("removing fq: {e}");
-                if first.is_ok() {
-                    first = Err(e);
-                }
-            }
-        }
-        first
-    }
-}
-
-fn log(summary: &QosSummary) {
-    tracing::info!(
-        enforcement = %summary.enforcement,
-        generation = summary.generation,
-        pods = summary.pods.len(),
-        "qos policy applied"
-    );
 }
