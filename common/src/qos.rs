@@ -151,17 +151,100 @@ pub fn aggregate(slot: u32, dir: u32) -> u32 {
 
 /// One class's recent traffic in one direction (`QL_QOS_ACTIVE`). A class competes for
 /// capacity only while it sends more than `threshold` bytes per window: a trickle (health
-/// checks, the ACKs of an upload) must not push lower classes down to their guarantees.
+/// checks, the ACKs of an upload) must not push lower classes down to their guarantees. What
+/// a competing class actually uses is known too, and what it leaves flows down (see
+/// `effective_rate`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClassActivity {
     pub window_start: u64,
     /// Bytes since `window_start`, added atomically.
     pub bytes: u64,
+    /// Bytes of the window before (0 if that was not the one right before).
+    pub last_bytes: u64,
     /// The class competes until this time.
     pub active_until: u64,
     /// Written by userspace: bytes per window that make the class compete.
     pub threshold: u64,
+    /// Written by userspace: the node's capacity, bytes per second.
+    pub capacity: u64,
+    /// Written by userspace: the window, ns.
+    pub window_ns: u64,
+}
+
+/// The classes of one direction as the datapath sees them at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Classes {
+    pub until: [u64; CLASSES],
+    /// Bytes per window each class sends now (the larger of the last and the current window).
+    pub used: [u64; CLASSES],
+    pub capacity: u64,
+    pub window_ns: u64,
+}
+
+impl Classes {
+    #[inline(always)]
+    pub fn add(&mut self, class: usize, a: &ClassActivity) {
+        if class < CLASSES {
+            self.until[class] = a.active_until;
+            self.used[class] = if a.bytes > a.last_bytes {
+                a.bytes
+            } else {
+                a.last_bytes
+            };
+            self.capacity = a.capacity;
+            self.window_ns = a.window_ns;
+        }
+    }
+
+    #[inline(always)]
+    pub fn mask(&self, now: u64) -> u32 {
+        active_mask(&self.until, now)
+    }
+
+    /// Bytes per second the classes in `mask` send together.
+    #[inline(always)]
+    pub fn used_rate(&self, mask: u32) -> u64 {
+        if self.window_ns == 0 {
+            return 0;
+        }
+        let mut bytes = 0;
+        let mut i = 0;
+        while i < CLASSES {
+            if mask & (1 << i) != 0 {
+                bytes += self.used[i];
+            }
+            i += 1;
+        }
+        bytes * 1_000_000 / (self.window_ns / 1000).max(1)
+    }
+}
+
+/// A pod's rate under `mask`, given what the higher classes in it really use. The table entry
+/// assumes every competing higher class takes its whole allocation (the floor: guarantees
+/// hold); if they use less, the pod gets its rate for the case without them, scaled to what
+/// they leave, with a quarter of their use kept spare for their bursts.
+#[inline(always)]
+pub fn effective_rate(pod: &QosPod, dir: u32, mask: u32, classes: &Classes) -> u64 {
+    let own = pod.class & (CLASSES as u32 - 1);
+    let base = pod.rate(dir, mask);
+    let higher = mask & ((1 << own) - 1);
+    let capacity = classes.capacity;
+    if higher == 0 || capacity == 0 {
+        return base;
+    }
+    let used = classes.used_rate(higher);
+    let used = used + used / 4;
+    if used >= capacity {
+        return base;
+    }
+    let left_per_mille = (capacity - used) * 1000 / capacity;
+    let scaled = pod.rate(dir, mask & !higher) / 1000 * left_per_mille;
+    if scaled > base {
+        scaled
+    } else {
+        base
+    }
 }
 
 /// Share of the link, per mille, a class must use to compete.
@@ -235,7 +318,7 @@ const _: () = assert!(core::mem::size_of::<QosPod>() == 16 + 2 * 8 * MASKS);
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<QosStats>() == 32);
 const _: () = assert!(core::mem::size_of::<QosConfig>() == 32);
-const _: () = assert!(core::mem::size_of::<ClassActivity>() == 32);
+const _: () = assert!(core::mem::size_of::<ClassActivity>() == 56);
 
 #[cfg(test)]
 mod tests {
@@ -246,6 +329,39 @@ mod tests {
         let until = [101, 0, 150, 10];
         assert_eq!(active_mask(&until, 100), 0b0101);
         assert_eq!(active_mask(&until, 200), 0);
+    }
+
+    #[test]
+    fn what_higher_classes_leave_flows_down() {
+        // Class 2 pod: 500 B/us alone, 50 with class 0 competing at full allocation.
+        let mut pod = QosPod {
+            class: 2,
+            ..QosPod::EMPTY
+        };
+        pod.egress[0b100] = 500_000_000;
+        pod.egress[0b101] = 50_000_000;
+        let mut classes = Classes {
+            capacity: 500_000_000,
+            window_ns: 10_000_000,
+            ..Classes::default()
+        };
+        // Class 0 sends 20 MB/s (200 kB per 10 ms): the pod gets 500 scaled by 1 - 25/500.
+        classes.used[0] = 200_000;
+        assert_eq!(
+            effective_rate(&pod, DIR_EGRESS, 0b101, &classes),
+            475_000_000
+        );
+        // Class 0 takes nearly everything: the floor (the guarantee-holding entry).
+        classes.used[0] = 4_500_000;
+        assert_eq!(
+            effective_rate(&pod, DIR_EGRESS, 0b101, &classes),
+            50_000_000
+        );
+        // Nothing above competes: the entry itself.
+        assert_eq!(
+            effective_rate(&pod, DIR_EGRESS, 0b100, &classes),
+            500_000_000
+        );
     }
 
     #[test]

@@ -507,3 +507,41 @@ fn offline_pods_get_volcanos_low_and_high_shares() {
     assert!(exit.success(), "{log}");
     node.teardown().unwrap();
 }
+
+#[test]
+fn a_light_high_priority_pod_leaves_the_rest_to_lower_classes() {
+    if !privileged("qos light high-priority test") {
+        return;
+    }
+    let node = Node::new(3).unwrap();
+    let (hi, lo, sink) = (node.pod(0), node.pod(1), node.pod(2));
+    let config = qos_config(
+        &node,
+        "capacity = \"300M\"",
+        &[
+            pod_entry(hi, &[("quicklane.io/priority", "0")]),
+            pod_entry(
+                lo,
+                &[
+                    ("quicklane.io/priority", "2"),
+                    ("quicklane.io/egress-guarantee", "50M"),
+                ],
+            ),
+        ]
+        .concat(),
+    );
+    let agent = Agent::start(&node, &config, false);
+    let (_s1, _s2) = (iperf_server(sink, 5801), iperf_server(sink, 5802));
+    // hi competes (30M is well above the 1 % threshold) but uses a tenth of the link.
+    let hi_run = iperf_spawn(hi, sink, 5801, 5, &["-u", "-b", "30M", "-l", "1000"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let lo_m = iperf(lo, sink, 5802, 3, &[]);
+    let hi_m = measured(&hi_run.wait_with_output().unwrap());
+    eprintln!("hi: {hi_m:?}\nlo: {lo_m:?}");
+    assert_within("hi", hi_m.bits_per_sec, 30.0 * MBIT, 0.05);
+    // lo gets what hi leaves, a quarter of hi's use kept spare: 300 * (1 - 37.5/300).
+    assert_within("lo", mean(&lo_m.intervals[1..]), 262.5 * MBIT, 0.07);
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{log}");
+    node.teardown().unwrap();
+}

@@ -11,7 +11,9 @@ use aya_ebpf::{
 };
 use quicklane_common::{
     counters::sockops as c,
-    qos::{active_mask, activity_slot, AddrKey, QosPod, CLASSES, DIR_EGRESS, DIR_INGRESS},
+    qos::{
+        activity_slot, effective_rate, AddrKey, Classes, QosPod, CLASSES, DIR_EGRESS, DIR_INGRESS,
+    },
     sock::SockKey,
     SOCKOPS_F_PACING,
 };
@@ -67,12 +69,12 @@ fn apply(ctx: &SockOpsContext, key: &SockKey) -> bool {
     let mut rate = u64::MAX;
     if let Some(pod) = pod_at(key.family, key.local_ip) {
         if pod.shaped(DIR_EGRESS) {
-            rate = rate.min(pod.rate(DIR_EGRESS, mask(DIR_EGRESS, pod.class, now)));
+            rate = rate.min(rate_now(pod, DIR_EGRESS, now));
         }
     }
     if let Some(pod) = pod_at(key.family, key.remote_ip) {
         if pod.shaped(DIR_INGRESS) {
-            rate = rate.min(pod.rate(DIR_INGRESS, mask(DIR_INGRESS, pod.class, now)));
+            rate = rate.min(rate_now(pod, DIR_INGRESS, now));
         }
     }
     if rate == u64::MAX {
@@ -113,16 +115,17 @@ fn pod_at(family: u32, addr: [u32; 4]) -> Option<&'static QosPod> {
     QL_QOS_PODS.get(slot)
 }
 
-/// The active-class mask the tc shaper would use for this pod's next packet.
+/// The rate the tc shaper would give this pod's next packet.
 #[inline(always)]
-fn mask(dir: u32, class: u32, now: u64) -> u32 {
-    let mut until = [0u64; CLASSES];
+fn rate_now(pod: &QosPod, dir: u32, now: u64) -> u64 {
+    let mut classes = Classes::default();
     let mut i = 0;
     while i < CLASSES {
         if let Some(a) = QL_QOS_ACTIVE.get(activity_slot(dir, i as u32)) {
-            until[i] = a.active_until;
+            classes.add(i, a);
         }
         i += 1;
     }
-    active_mask(&until, now) | (1 << (class as usize & (CLASSES - 1)))
+    let own = pod.class as usize & (CLASSES - 1);
+    effective_rate(pod, dir, classes.mask(now) | (1 << own), &classes)
 }

@@ -11,8 +11,8 @@ use aya_ebpf::{
 use quicklane_common::{
     counters::tc as c,
     qos::{
-        active_mask, activity_slot, aggregate, transmit_ns, verdict, QosStats, Verdict, CLASSES,
-        QOS_F_ENABLED, QOS_F_FQ,
+        activity_slot, aggregate, effective_rate, transmit_ns, verdict, Classes, QosStats, Verdict,
+        CLASSES, QOS_F_ENABLED, QOS_F_FQ,
     },
 };
 
@@ -44,8 +44,8 @@ pub fn shape(ctx: &TcContext, dir: u32) -> Option<i32> {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let len = u64::from(ctx.len());
-    let mask = note_activity(dir, pod.class, len, now, cfg.active_window_ns);
-    let delta = transmit_ns(len, pod.rate(dir, mask));
+    let classes = note_activity(dir, pod.class, len, now, cfg.active_window_ns);
+    let delta = transmit_ns(len, effective_rate(pod, dir, classes.mask(now), &classes));
     let agg = aggregate(slot, dir);
     let timeline = QL_QOS_EDT.get_ptr_mut(agg)?;
     // SAFETY: array value pointer, 8-byte aligned.
@@ -147,15 +147,14 @@ fn pure_tcp_ack(ctx: &TcContext) -> bool {
 }
 
 /// Adds the packet to its class's bytes in the current window, marks the class competing
-/// once that passes the threshold, and returns the mask of competing classes (always with
-/// `class`: a pod's own row assumes its class competes).
+/// once that passes the threshold, and returns what the datapath knows of the classes.
 #[inline(always)]
-fn note_activity(dir: u32, class: u32, len: u64, now: u64, window: u64) -> u32 {
-    let mut until = [0u64; CLASSES];
+fn note_activity(dir: u32, class: u32, len: u64, now: u64, window: u64) -> Classes {
+    let mut classes = Classes::default();
     let mut i = 0;
     while i < CLASSES {
         if let Some(a) = QL_QOS_ACTIVE.get(activity_slot(dir, i as u32)) {
-            until[i] = a.active_until;
+            classes.add(i, a);
         }
         i += 1;
     }
@@ -163,21 +162,30 @@ fn note_activity(dir: u32, class: u32, len: u64, now: u64, window: u64) -> u32 {
     if let Some(p) = QL_QOS_ACTIVE.get_ptr_mut(activity_slot(dir, class)) {
         // SAFETY: array value pointer, 8-byte aligned fields. Window restarts are plain
         // stores: a racing restart loses at most a few packets' bytes from a count that only
-        // decides whether a class is more than a trickle.
+        // decides whether a class is more than a trickle and roughly how much it uses.
         unsafe {
             let a = &mut *p;
-            if now.saturating_sub(core::ptr::read_volatile(&a.window_start)) >= window {
+            let since = now.saturating_sub(core::ptr::read_volatile(&a.window_start));
+            if since >= window {
+                let last = if since < 2 * window {
+                    core::ptr::read_volatile(&a.bytes)
+                } else {
+                    0
+                };
+                core::ptr::write_volatile(&mut a.last_bytes, last);
                 core::ptr::write_volatile(&mut a.window_start, now);
                 core::ptr::write_volatile(&mut a.bytes, 0);
             }
             let total = atomic_fetch_add(&mut a.bytes, len) + len;
             // Refresh at most twice per window, so busy classes do not store on every packet.
-            if total >= a.threshold && until[own] < now + window / 2 {
+            if total >= a.threshold && classes.until[own] < now + window / 2 {
                 core::ptr::write_volatile(&mut a.active_until, now + window);
             }
         }
     }
-    active_mask(&until, now) | (1 << own)
+    // A pod's own row assumes its class competes.
+    classes.until[own] = classes.until[own].max(now + 1);
+    classes
 }
 
 /// Claims `delta` ns of the timeline and returns the packet's departure time. An idle

@@ -204,7 +204,8 @@ fn read_bytes(pins: &PinDir, pods: usize) -> Result<Vec<[u64; 2]>, DatapathError
         .collect()
 }
 
-/// Bytes per activity window above which a class competes for capacity.
+/// What the datapath needs to judge class activity: the threshold (bytes per window above
+/// which a class competes), the capacity and the window.
 fn write_thresholds(
     pins: &PinDir,
     capacity_bytes: u64,
@@ -216,6 +217,8 @@ fn write_thresholds(
     for index in 0..map.len() {
         let mut entry = map.get(&index, 0).map_err(|e| map_err(ACTIVE_MAP, &e))?;
         entry.threshold = threshold.max(1);
+        entry.capacity = capacity_bytes;
+        entry.window_ns = u64::from(window_ms) * 1_000_000;
         map.set(index, entry, 0)
             .map_err(|e| map_err(ACTIVE_MAP, &e))?;
     }
