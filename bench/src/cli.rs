@@ -16,6 +16,7 @@ use crate::scenario::{self, Context, Overrides, Profile, Scenario};
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
     quicklane bench --scenario bypass --profile quick --out /tmp/qlbench\n  \
+    quicklane bench --scenario qos --profile quick --out /tmp/qlbench-qos\n  \
     quicklane bench --compare stored/results.json            # rerun its scenario and profile, then compare\n  \
     quicklane bench --compare stored/results.json --results new/results.json   # compare two files")]
 pub struct BenchArgs {
@@ -38,11 +39,11 @@ pub struct BenchArgs {
     pub reps: Option<u16>,
 
     /// Seconds per tool run instead of the profile's; qperf, sockperf and iperf3 only take
-    /// whole seconds and round up.
+    /// whole seconds and round up (qos: also each phase of the preemption step).
     #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
     pub seconds: Option<f64>,
 
-    /// qperf message sizes instead of the profile's, e.g. `64,4K,64K`.
+    /// qperf message sizes instead of the profile's, e.g. `64,4K,64K` (bypass only).
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_size)]
     pub sizes: Option<Vec<u64>>,
 
@@ -162,9 +163,14 @@ fn summary(results: &Results, out: &Path, written: &[PathBuf]) -> String {
         results.wall_seconds
     );
     for r in &results.ratios {
+        // Ratios read "0.45x"; checks of absolute values carry their unit ("12 ms").
+        let unit = r
+            .unit
+            .as_deref()
+            .map_or_else(|| "x".to_owned(), |u| format!(" {u}"));
         let _ = writeln!(
             s,
-            "  {:<4} {:<40} {:>7} {:>8}x  ({} {})",
+            "  {:<4} {:<40} {:>7} {:>8}{unit:<3}  ({} {}{unit})",
             if r.met { "ok" } else { "MISS" },
             r.metric,
             r.msg_size

@@ -18,6 +18,8 @@ pub struct Regression {
     pub current: f64,
     pub stored: f64,
     pub noise: f64,
+    /// The values' unit when they are not ratios (`x`).
+    pub unit: Option<String>,
 }
 
 impl Regression {
@@ -27,8 +29,12 @@ impl Regression {
     }
 
     pub fn describe(&self) -> String {
+        let unit = self
+            .unit
+            .as_deref()
+            .map_or_else(|| "x".to_owned(), |u| format!(" {u}"));
         format!(
-            "{}{}: {:.3}x now vs {:.3}x stored ({} is better): worse by {:.3} ({:.1} %), noise +/-{:.3}",
+            "{}{}: {:.3}{unit} now vs {:.3}{unit} stored ({} is better): worse by {:.3} ({}), noise +/-{:.3}",
             self.metric,
             self.msg_size
                 .map_or_else(String::new, |s| format!(" @ {}", size_label(s))),
@@ -37,9 +43,15 @@ impl Regression {
             match self.better {
                 Better::Lower => "lower",
                 Better::Higher => "higher",
+                Better::Near => "closer to 1",
             },
             (self.current - self.stored).abs(),
-            self.worse_by_pct(),
+            // A stored zero (e.g. no retransmits) has no relative change.
+            if self.stored == 0.0 {
+                "from 0".to_owned()
+            } else {
+                format!("{:.1} %", self.worse_by_pct())
+            },
             self.noise
         )
     }
@@ -103,6 +115,7 @@ pub fn compare(current: &Results, stored: &Results) -> Comparison {
                 current: now.value,
                 stored: then.value,
                 noise,
+                unit: now.unit.clone(),
             });
         }
     }
@@ -127,6 +140,8 @@ mod tests {
             samples: samples.to_vec(),
             min: sorted[0],
             max: sorted[sorted.len() - 1],
+            compares: None,
+            unit: None,
         }
     }
 

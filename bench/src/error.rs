@@ -53,6 +53,9 @@ pub enum Error {
         log: String,
     },
 
+    #[error("baseline qdisc on {ifname}: {message}")]
+    Qdisc { ifname: String, message: String },
+
     #[error("the agent {problem}; its log is {log}")]
     Agent { problem: String, log: String },
 
@@ -64,9 +67,6 @@ pub enum Error {
 
     #[error("interrupted: the simulated node was torn down and no report was written")]
     Interrupted,
-
-    #[error("not implemented yet: {0}")]
-    NotImplemented(&'static str),
 
     #[error("{} is not a results file of this harness: {problem}", .path.display())]
     BadResults { path: PathBuf, problem: String },

@@ -2,7 +2,8 @@
 //!
 //! `load` is the TCP load generator (`quicklane loadgen`). The rest is the harness behind
 //! `quicklane bench`: [`scenario`]s build a simulated node, drive the real tools ([`tools`])
-//! and the load generator with and without the agent, and [`report`] writes the results
+//! and the load generator with and without the agent (or, for qos, against the htb and tbf
+//! baselines that [`qdisc`] sets up over netlink), and [`report`] writes the results
 //! directory; [`compare`] is the regression check against a stored run.
 
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod host;
 mod interrupt;
 pub mod load;
 pub mod progress;
+pub mod qdisc;
 pub mod report;
 pub mod results;
 pub mod scenario;

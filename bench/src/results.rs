@@ -4,6 +4,8 @@
 //! ...}`; each result `{"metric", "msg_size", "mode", "unit", "median", "min", "max", "q1",
 //! "q3", "samples"}`; each ratio `{"metric", "msg_size", "value", "better", "target", "met",
 //! ...}`. `msg_size` is null for figures without one (connect rate, iperf3 throughput).
+//! The qos scenario's ratios also carry `compares` and `unit` (what is judged, since not every
+//! check is accelerated / baseline), and its results `timelines`; bypass results have neither.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,7 +16,7 @@ use crate::error::Error;
 use crate::host::Host;
 use crate::stats::Summary;
 
-/// Which path a figure was measured on.
+/// Which path (arm of the comparison) a figure was measured on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -22,6 +24,12 @@ pub enum Mode {
     Baseline,
     /// The agent running with the scenario's datapath attached.
     Accelerated,
+    /// qos: the agent running with its QoS config; no qdisc of ours.
+    Quicklane,
+    /// qos: no quicklane QoS; an htb tree configured for the same rates.
+    Htb,
+    /// qos: no quicklane QoS; a tbf qdisc configured for the same rate.
+    Tbf,
 }
 
 impl Mode {
@@ -29,6 +37,9 @@ impl Mode {
         match self {
             Self::Baseline => "baseline",
             Self::Accelerated => "accelerated",
+            Self::Quicklane => "quicklane",
+            Self::Htb => "htb",
+            Self::Tbf => "tbf",
         }
     }
 }
@@ -39,6 +50,9 @@ impl Mode {
 pub enum Better {
     Lower,
     Higher,
+    /// Closer to 1.0 is better, and the target is the allowed deviation from 1.0 either way:
+    /// a rate held to its configured limit is neither better above nor below it.
+    Near,
 }
 
 impl Better {
@@ -47,6 +61,7 @@ impl Better {
         match self {
             Self::Lower => value <= target,
             Self::Higher => value >= target,
+            Self::Near => (value - 1.0).abs() <= target,
         }
     }
 
@@ -55,6 +70,7 @@ impl Better {
         match self {
             Self::Lower => value > reference + margin,
             Self::Higher => value < reference - margin,
+            Self::Near => (value - 1.0).abs() > (reference - 1.0).abs() + margin,
         }
     }
 
@@ -62,6 +78,7 @@ impl Better {
         match self {
             Self::Lower => "<=",
             Self::Higher => ">=",
+            Self::Near => "1 ±",
         }
     }
 }
@@ -99,6 +116,28 @@ pub struct Ratio {
     pub samples: Vec<f64>,
     pub min: f64,
     pub max: f64,
+    /// What `value` is when it is not accelerated / baseline of `metric`, e.g. "quicklane /
+    /// htb" or "quicklane, absolute"; absent in the bypass scenario.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compares: Option<String>,
+    /// The unit of `value` when it is not a plain ratio (e.g. "ms").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+}
+
+/// A received-bytes series at a fixed bucket width, e.g. a flow's arrivals per millisecond
+/// around a preemption.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Timeline {
+    /// What the series is, e.g. `qos.preemption.hi`.
+    pub name: String,
+    pub mode: Mode,
+    pub rep: usize,
+    pub bucket_ms: f64,
+    /// Time of the first bucket's start relative to the scenario's reference event (e.g. the
+    /// high-priority flow's first byte), in ms; negative when the series starts before it.
+    pub start_ms: f64,
+    pub bytes: Vec<u64>,
 }
 
 /// One tool invocation, exactly as run.
@@ -125,6 +164,9 @@ impl CommandRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentBlock {
     pub rep: usize,
+    /// Which part of the scenario the block measured, where a repetition has several (qos).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<String>,
     pub counters: BTreeMap<String, u64>,
 }
 
@@ -135,10 +177,13 @@ pub struct Settings {
     pub msg_sizes: Vec<u64>,
     /// Seconds per tool run, by tool.
     pub seconds: BTreeMap<String, f64>,
-    /// The mode order of each repetition.
-    pub order: Vec<[Mode; 2]>,
+    /// The mode (arm) order of each repetition.
+    pub order: Vec<Vec<Mode>>,
     /// The harness's own command line.
     pub command: String,
+    /// Scenario parameters beyond the above, e.g. the rates each arm was configured for.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,6 +203,8 @@ pub struct Results {
     pub notes: Vec<String>,
     #[serde(default)]
     pub commands: Vec<CommandRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timelines: Vec<Timeline>,
 }
 
 impl Results {
@@ -235,6 +282,34 @@ impl Ratio {
             samples,
             min: spread.min,
             max: spread.max,
+            compares: None,
+            unit: None,
+        })
+    }
+
+    /// A judged quantity that is not accelerated / baseline: `samples` are its
+    /// per-repetition values (in repetition order), `value` their median.
+    pub fn of_samples(
+        metric: &str,
+        compares: &str,
+        unit: Option<&str>,
+        samples: Vec<f64>,
+        target: Target,
+    ) -> Option<Self> {
+        let spread = Summary::of(&samples)?;
+        Some(Self {
+            metric: metric.to_owned(),
+            msg_size: None,
+            value: spread.median,
+            better: target.better,
+            target: target.value,
+            met: target.better.meets(spread.median, target.value),
+            target_source: target.source.to_owned(),
+            samples,
+            min: spread.min,
+            max: spread.max,
+            compares: Some(compares.to_owned()),
+            unit: unit.map(str::to_owned),
         })
     }
 }
@@ -282,6 +357,38 @@ mod tests {
             source: "test",
         };
         assert!(Ratio::between(&base, &fast, target).is_none());
+    }
+
+    #[test]
+    fn near_targets_are_two_sided() {
+        assert!(Better::Near.meets(0.96, 0.05));
+        assert!(Better::Near.meets(1.04, 0.05));
+        assert!(!Better::Near.meets(0.94, 0.05));
+        assert!(!Better::Near.meets(1.06, 0.05));
+        // 1.10 is further from 1 than 0.97 by more than the margin either way round.
+        assert!(Better::Near.worse_beyond(1.10, 0.97, 0.02));
+        assert!(!Better::Near.worse_beyond(0.97, 1.02, 0.02));
+    }
+
+    #[test]
+    fn sample_ratios_take_the_median_and_keep_their_spread() {
+        let target = Target {
+            better: Better::Lower,
+            value: 20.0,
+            source: "test",
+        };
+        let r = Ratio::of_samples(
+            "p",
+            "quicklane, absolute",
+            Some("ms"),
+            vec![3.0, 30.0, 5.0],
+            target,
+        )
+        .unwrap();
+        assert_eq!((r.value, r.min, r.max), (5.0, 3.0, 30.0));
+        assert!(r.met);
+        assert_eq!(r.unit.as_deref(), Some("ms"));
+        assert!(Ratio::of_samples("p", "x", None, vec![], target).is_none());
     }
 
     #[test]

@@ -178,8 +178,20 @@ impl Recorder {
         program: &OsStr,
         args: &[String],
         timeout: Duration,
-        (rep, mode): (Option<usize>, Mode),
+        rep_mode: (Option<usize>, Mode),
     ) -> Result<String, Error> {
+        self.start(place, program, args, rep_mode)?.wait(timeout)
+    }
+
+    /// Starts `program args` in `place` in the background, recorded like [`Recorder::run`];
+    /// [`Running::wait`] collects it. Dropping the result kills the process.
+    pub fn start(
+        &mut self,
+        place: Place<'_>,
+        program: &OsStr,
+        args: &[String],
+        (rep, mode): (Option<usize>, Mode),
+    ) -> Result<Running, Error> {
         let tool = Path::new(program)
             .file_name()
             .unwrap_or(program)
@@ -197,56 +209,53 @@ impl Recorder {
             argv: command_words,
             raw: rel.clone(),
         });
-        let mut proc = place.spawn(
+        let proc = place.spawn(
             program,
             args,
             Self::create(&out_path)?,
             Self::create(&err_path)?,
         )?;
-        let started = Instant::now();
-        let status = loop {
+        Ok(Running {
+            proc,
+            command,
+            place: place.name(),
+            rel,
+            out_path,
+            err_path,
+            started: Instant::now(),
+        })
+    }
+
+    /// Starts a server whose output is a measurement (it exits by itself and reports), waits
+    /// until it listens on `port`, and records it like [`Recorder::run`]; collect it with
+    /// [`Running::wait`].
+    pub fn measured_server(
+        &mut self,
+        place: Place<'_>,
+        program: &OsStr,
+        args: &[String],
+        port: u16,
+        rep_mode: (Option<usize>, Mode),
+    ) -> Result<Running, Error> {
+        let mut running = self.start(place, program, args, rep_mode)?;
+        while !place.listening(port)? {
             interrupt::check()?;
-            if let Some(status) = proc
+            let exited = running
+                .proc
                 .child_mut()
                 .try_wait()
-                .map_err(|e| Error::io(format!("waiting for `{command}`"), e))?
-            {
-                break status;
-            }
-            if started.elapsed() > timeout {
-                return Err(Error::ToolTimeout {
-                    command,
-                    place: place.name(),
-                    after: timeout,
-                    raw: rel,
+                .map_err(|e| Error::io(format!("waiting for `{}`", running.command), e))?;
+            if exited.is_some() || running.started.elapsed() > START_TIMEOUT {
+                return Err(Error::NotListening {
+                    what: format!("`{}` in {}", running.command, running.place),
+                    port,
+                    after: running.started.elapsed(),
+                    log: running.rel.clone(),
                 });
             }
             std::thread::sleep(POLL);
-        };
-        let stdout = std::fs::read_to_string(&out_path)
-            .map_err(|e| Error::io(format!("reading {}", out_path.display()), e))?;
-        let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-        if stderr.trim().is_empty() {
-            // Keep the raw directory to the outputs that say something.
-            let _ = std::fs::remove_file(&err_path);
         }
-        if !status.success() {
-            // A tool killed by the Ctrl-C that reached its process group is not a tool failure.
-            interrupt::check()?;
-            let said = if stderr.trim().is_empty() {
-                &stdout
-            } else {
-                &stderr
-            };
-            return Err(Error::ToolFailed {
-                command,
-                place: place.name(),
-                status: status.to_string(),
-                stderr: tail(said),
-                raw: rel,
-            });
-        }
-        Ok(stdout)
+        Ok(running)
     }
 
     /// Starts a long-lived server in `place` and waits until it listens on `port`. Its output
@@ -285,10 +294,89 @@ impl Recorder {
         Ok(proc)
     }
 
+    /// Keeps `text` (e.g. a config the run used) as `raw/NNNN-label.ext`; returns that name.
+    pub fn save(&mut self, label: &str, ext: &str, text: &str) -> Result<String, Error> {
+        let (rel, path) = self.next(label, ext);
+        std::fs::write(&path, text)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        Ok(rel)
+    }
+
     /// The log file for the agent's next start, and its relative name.
     fn agent_log(&mut self) -> Result<(File, String), Error> {
         let (rel, path) = self.next("agent", "log");
         Ok((Self::create(&path)?, rel))
+    }
+}
+
+/// A command started by [`Recorder::start`]; killed on drop (the [`Proc`] guard).
+#[derive(Debug)]
+pub struct Running {
+    proc: Proc,
+    command: String,
+    place: String,
+    rel: String,
+    out_path: PathBuf,
+    err_path: PathBuf,
+    started: Instant,
+}
+
+impl Running {
+    /// Waits for a started command to finish and returns its stdout. Fails if it exits
+    /// non-zero, has run longer than `timeout` in all, or Ctrl-C is pressed meanwhile.
+    pub fn wait(self, timeout: Duration) -> Result<String, Error> {
+        let Running {
+            mut proc,
+            command,
+            place,
+            rel,
+            out_path,
+            err_path,
+            started,
+        } = self;
+        let status = loop {
+            interrupt::check()?;
+            if let Some(status) = proc
+                .child_mut()
+                .try_wait()
+                .map_err(|e| Error::io(format!("waiting for `{command}`"), e))?
+            {
+                break status;
+            }
+            if started.elapsed() > timeout {
+                return Err(Error::ToolTimeout {
+                    command,
+                    place,
+                    after: timeout,
+                    raw: rel,
+                });
+            }
+            std::thread::sleep(POLL);
+        };
+        let stdout = std::fs::read_to_string(&out_path)
+            .map_err(|e| Error::io(format!("reading {}", out_path.display()), e))?;
+        let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+        if stderr.trim().is_empty() {
+            // Keep the raw directory to the outputs that say something.
+            let _ = std::fs::remove_file(&err_path);
+        }
+        if !status.success() {
+            // A tool killed by the Ctrl-C that reached its process group is not a tool failure.
+            interrupt::check()?;
+            let said = if stderr.trim().is_empty() {
+                &stdout
+            } else {
+                &stderr
+            };
+            return Err(Error::ToolFailed {
+                command,
+                place,
+                status: status.to_string(),
+                stderr: tail(said),
+                raw: rel,
+            });
+        }
+        Ok(stdout)
     }
 }
 
@@ -367,8 +455,14 @@ impl Agent {
         }
     }
 
-    /// The live counters from `quicklane status --json`, as `object.name`.
+    /// The live counters from `quicklane status --json`, as `object.name`, and with QoS on
+    /// also each shaped pod's as `qos.POD.DIRECTION.NAME`.
     pub fn counters(&self, node: &Node, exe: &Path) -> Result<BTreeMap<String, u64>, Error> {
+        Ok(counters_of(&self.status(node, exe)?))
+    }
+
+    /// `quicklane status --json`.
+    pub fn status(&self, node: &Node, exe: &Path) -> Result<serde_json::Value, Error> {
         let out = Command::new(exe)
             .args(["status", "--json", "--pin-dir"])
             .arg(node.pin_dir())
@@ -382,19 +476,8 @@ impl Agent {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        let status: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .map_err(|e| self.fail(format!("status printed no JSON: {e}")))?;
-        let mut counters = BTreeMap::new();
-        if let Some(objects) = status["counters"].as_object() {
-            for (object, values) in objects {
-                for (name, value) in values.as_object().into_iter().flatten() {
-                    if let Some(v) = value.as_u64() {
-                        counters.insert(format!("{object}.{name}"), v);
-                    }
-                }
-            }
-        }
-        Ok(counters)
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| self.fail(format!("status printed no JSON: {e}")))
     }
 
     /// SIGTERM, and a check that it detached cleanly.
@@ -419,6 +502,28 @@ impl Drop for Agent {
             let _ = proc.wait_timeout(START_TIMEOUT);
         }
     }
+}
+
+/// The counters of a `quicklane status --json`, flattened as [`Agent::counters`] returns them.
+pub fn counters_of(status: &serde_json::Value) -> BTreeMap<String, u64> {
+    let mut counters = BTreeMap::new();
+    let mut put = |prefix: String, values: &serde_json::Value| {
+        for (name, value) in values.as_object().into_iter().flatten() {
+            if let Some(v) = value.as_u64() {
+                counters.insert(format!("{prefix}.{name}"), v);
+            }
+        }
+    };
+    for (object, values) in status["counters"].as_object().into_iter().flatten() {
+        put(object.clone(), values);
+    }
+    for pod in status["qos"]["pods"].as_array().into_iter().flatten() {
+        let name = pod["name"].as_str().unwrap_or("?");
+        for dir in ["egress", "ingress"] {
+            put(format!("qos.{name}.{dir}"), &pod[dir]);
+        }
+    }
+    counters
 }
 
 fn terminate(proc: &Proc) {
@@ -470,6 +575,22 @@ mod tests {
         assert!(listens(table, 0x2B67));
         assert!(!listens(table, 0x1389), "established, not listening");
         assert!(!listens(table, 80));
+    }
+
+    #[test]
+    fn counters_include_the_qos_pods() {
+        let status = serde_json::json!({
+            "counters": {"tc": {"qos_dropped": 3, "egress_packets": 10}},
+            "qos": {"pods": [
+                {"name": "pod0", "egress": {"packets": 5, "dropped": 1},
+                 "ingress": {"packets": 0, "dropped": 0}}
+            ]}
+        });
+        let c = counters_of(&status);
+        assert_eq!(c["tc.qos_dropped"], 3);
+        assert_eq!(c["qos.pod0.egress.dropped"], 1);
+        assert_eq!(c["qos.pod0.ingress.packets"], 0);
+        assert_eq!(counters_of(&serde_json::json!({"qos": null})).len(), 0);
     }
 
     #[test]

@@ -23,12 +23,23 @@ fn start_server(
     duration: Duration,
     max_conns: Option<u64>,
 ) -> (SocketAddr, JoinHandle<Result<ServerReport, Error>>) {
+    start_server_with(listen, service, duration, max_conns, None)
+}
+
+fn start_server_with(
+    listen: &str,
+    service: Service,
+    duration: Duration,
+    max_conns: Option<u64>,
+    timeline_buckets: Option<usize>,
+) -> (SocketAddr, JoinHandle<Result<ServerReport, Error>>) {
     let server = Server::bind(ServerOptions {
         listen: listen.parse().unwrap(),
         service,
         duration,
         max_conns,
         nodelay: true,
+        timeline_buckets,
     })
     .unwrap();
     (server.local_addr(), thread::spawn(move || server.run()))
@@ -409,6 +420,7 @@ fn client_waits_for_a_late_server() {
             duration: Duration::from_secs(10),
             max_conns: Some(1),
             nodelay: true,
+            timeline_buckets: None,
         })
         .unwrap()
         .run()
@@ -416,4 +428,46 @@ fn client_waits_for_a_late_server() {
     let report = client::rr(&client_opts(addr, 1, 200), 8).unwrap();
     assert!(report.transactions > 0);
     assert_eq!(server.join().unwrap().unwrap().conns, 1);
+}
+
+#[test]
+fn stream_timelines_account_for_every_byte_on_one_time_axis() {
+    let (addr, server) = start_server_with(
+        V4,
+        Service::Stream,
+        Duration::from_secs(20),
+        Some(2),
+        Some(10_000),
+    );
+    let first = thread::spawn(move || {
+        client::stream(&client_opts(addr, 1, 300), SizeRange::fixed(65536)).unwrap()
+    });
+    // The second connection starts later, so its series must start later on the shared axis.
+    thread::sleep(Duration::from_millis(150));
+    let second = client::stream(&client_opts(addr, 1, 100), SizeRange::fixed(65536)).unwrap();
+    let first = first.join().unwrap();
+    let server = server.join().unwrap().unwrap();
+    let mut starts = Vec::new();
+    for report in [&first, &second] {
+        let conn = &report.connections[0];
+        let seen = server_conn(&server, conn.local);
+        let t = seen
+            .timeline
+            .as_ref()
+            .expect("a timeline per stream connection");
+        assert_eq!(t.bucket_ms, 1);
+        assert!(!t.truncated);
+        assert_eq!(t.bytes.iter().sum::<u64>(), conn.bytes, "{t:?}");
+        // About its duration long (scheduling may stretch it, never shrink it much).
+        assert!(
+            t.bytes.len() >= 50 && t.bytes.len() < 5_000,
+            "{}",
+            t.bytes.len()
+        );
+        starts.push(t.first_ms);
+    }
+    assert!(
+        starts[1] >= starts[0] + 100,
+        "the later connection starts later: {starts:?}"
+    );
 }

@@ -1,5 +1,7 @@
 //! `cargo xtask demo`: a simulated node with two pods, the same traffic before and with the
-//! agent, live counters while it flows, then a clean detach and teardown.
+//! agent, live counters while it flows, then a clean detach and teardown; then the QoS part:
+//! one repetition of the qos benchmark (quicklane against htb and tbf on a node of its own),
+//! summarised.
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -34,7 +36,136 @@ pub fn run(seconds: u32) -> Result<()> {
         "the demo left resources behind: {leaks:?}"
     );
     println!("\nsimulated node {id} torn down; nothing left behind");
-    outcome
+    outcome?;
+    qos(&quicklane)
+}
+
+/// The QoS part: `quicklane bench --scenario qos` for one repetition of 1 s steps (its node
+/// is built and torn down by the bench), then the figures that show what QoS does.
+fn qos(quicklane: &Path) -> Result<()> {
+    println!(
+        "\n== QoS: priorities on a virtual capacity, quicklane against htb and tbf (one repetition \
+         of `quicklane bench --scenario qos`) =="
+    );
+    let out = std::env::temp_dir().join(format!("quicklane-demo-qos-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let status = Command::new(quicklane)
+        .args(["bench", "--scenario", "qos", "--profile", "quick"])
+        .args(["--reps", "1", "--seconds", "1", "--out"])
+        .arg(&out)
+        .status()
+        .context("running quicklane bench")?;
+    interrupted()?;
+    ensure!(
+        status.success(),
+        "quicklane bench --scenario qos failed: {status}"
+    );
+    let results: Value = serde_json::from_slice(
+        &std::fs::read(out.join("results.json")).context("reading the qos results")?,
+    )?;
+    print_qos(&results);
+    println!(
+        "(single samples on a noisy machine; the full report is {})",
+        out.join("report.md").display()
+    );
+    Ok(())
+}
+
+fn print_qos(r: &Value) {
+    let figure = |metric: &str, arm: &str| {
+        r["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|f| f["metric"] == metric && f["mode"] == arm)
+            .and_then(|f| f["median"].as_f64())
+            .map_or_else(
+                || "n/a".to_owned(),
+                |v| {
+                    if v < 10.0 {
+                        format!("{v:.2}")
+                    } else {
+                        format!("{v:.1}")
+                    }
+                },
+            )
+    };
+    let param = |key: &str| {
+        r["settings"]["params"][key]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned()
+    };
+    let limit = param("limits");
+    println!(
+        "\n{:<48} {:>10} {:>10} {:>10}",
+        "", "quicklane", "htb", "tbf"
+    );
+    for (label, metric) in [
+        (
+            format!("hi limited to {limit}: TCP Mbit/s"),
+            format!("rate-accuracy.tcp_rate.{limit}"),
+        ),
+        (
+            "  retransmits, % of segments".to_owned(),
+            format!("rate-accuracy.tcp_retrans.{limit}"),
+        ),
+        (
+            "  UDP at twice the limit: Mbit/s".to_owned(),
+            format!("rate-accuracy.udp_rate.{limit}"),
+        ),
+        (
+            format!(
+                "capacity {}, hi prio 0, lo prio 2 + {}:",
+                param("capacity"),
+                param("guarantee")
+            ),
+            String::new(),
+        ),
+        (
+            "  hi RTT p99, lo idle (us)".to_owned(),
+            "priority.hi_rtt_p99.idle".to_owned(),
+        ),
+        (
+            "  hi RTT p99, lo saturating (us)".to_owned(),
+            "priority.hi_rtt_p99.saturated".to_owned(),
+        ),
+        (
+            "  lo Mbit/s while hi pings".to_owned(),
+            "priority.lo_rate.saturated".to_owned(),
+        ),
+        (
+            "  lo Mbit/s alone".to_owned(),
+            "preemption.lo_rate.alone".to_owned(),
+        ),
+        (
+            "  both streaming: hi Mbit/s".to_owned(),
+            "preemption.hi_rate.contended".to_owned(),
+        ),
+        (
+            "  both streaming: lo Mbit/s (guarantee)".to_owned(),
+            "preemption.lo_rate.contended".to_owned(),
+        ),
+        (
+            "  ms until hi has 95 % of its share".to_owned(),
+            "preemption.hi_time".to_owned(),
+        ),
+        (
+            "  ms until lo is down to its guarantee".to_owned(),
+            "preemption.lo_time".to_owned(),
+        ),
+    ] {
+        if metric.is_empty() {
+            println!("{label}");
+            continue;
+        }
+        println!(
+            "{label:<48} {:>10} {:>10} {:>10}",
+            figure(&metric, "quicklane"),
+            figure(&metric, "htb"),
+            figure(&metric, "tbf")
+        );
+    }
 }
 
 fn demo(node: &Node, quicklane: &Path, seconds: u32) -> Result<()> {

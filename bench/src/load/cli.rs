@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::client::{self, ClientOptions};
 use super::report::{Event, Report};
 use super::server::{Server, ServerOptions, Service};
-use super::{parse_msg_size, Error, Mode, SizeRange};
+use super::{parse_msg_size, timeline, Error, Mode, SizeRange};
 
 /// quicklane's TCP load generator; prints JSON lines on stdout.
 #[derive(Debug, Parser)]
@@ -57,6 +57,15 @@ pub struct ServerArgs {
     /// Leave Nagle's algorithm on for accepted connections.
     #[arg(long)]
     pub no_nodelay: bool,
+
+    /// Stream mode: report each connection's bytes received per 1 ms bucket, for up to N ms
+    /// after its first byte, on a time axis shared by all connections of this server.
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..=timeline::MAX_BUCKETS as i64)
+    )]
+    pub timeline_buckets: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -131,12 +140,16 @@ fn serve(args: &ServerArgs, out: &mut impl Write) -> Result<(), Error> {
         },
         Mode::Connect => Service::Connect,
     };
+    if args.timeline_buckets.is_some() && service != Service::Stream {
+        return Err(Error::Usage("--timeline-buckets needs --mode stream"));
+    }
     let server = Server::bind(ServerOptions {
         listen: args.listen,
         service,
         duration: args.duration,
         max_conns: args.max_conns,
         nodelay: !args.no_nodelay,
+        timeline_buckets: args.timeline_buckets.map(|n| n as usize),
     })?;
     emit(
         out,
@@ -247,6 +260,42 @@ mod tests {
         assert_eq!(server.duration, Duration::from_secs(30));
         assert_eq!(server.max_conns, None);
         assert!(!server.no_nodelay);
+        assert_eq!(server.timeline_buckets, None);
+    }
+
+    #[test]
+    fn timelines_are_bounded_and_for_streams_only() {
+        let LoadgenCommand::Server(server) = parse(&[
+            "server",
+            "--listen",
+            "[::]:5001",
+            "--timeline-buckets",
+            "2000",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not a server");
+        };
+        assert_eq!(server.timeline_buckets, Some(2000));
+        for n in ["0", "100001"] {
+            assert!(
+                parse(&["server", "--listen", "[::]:1", "--timeline-buckets", n]).is_err(),
+                "{n} accepted"
+            );
+        }
+        let args = parse(&[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--mode",
+            "connect",
+            "--timeline-buckets",
+            "10",
+        ])
+        .unwrap();
+        let err = run_with_output(args, &mut Vec::new()).unwrap_err();
+        assert!(matches!(err, Error::Usage(_)), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod client;
 pub mod prng;
 pub mod report;
 pub mod server;
+pub mod timeline;
 
 use std::io;
 use std::net::SocketAddr;

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use super::timeline::ReceiveTimeline;
 use super::{Error, Mode, SizeRange};
 
 /// A final report line, tagged by `"kind"`.
@@ -126,6 +127,9 @@ pub struct ServerConnReport {
     pub transactions: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Stream mode with `--timeline-buckets`: bytes received per millisecond.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<ReceiveTimeline>,
 }
 
 /// Parses a final report line.
@@ -231,6 +235,12 @@ mod tests {
                     checksum: None,
                     transactions: Some(64),
                     error: Some("timed out".into()),
+                    timeline: Some(ReceiveTimeline {
+                        bucket_ms: 1,
+                        first_ms: 12,
+                        bytes: vec![1448, 0, 2896],
+                        truncated: false,
+                    }),
                 }],
             }),
         ]

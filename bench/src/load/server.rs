@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::checksum::Checksum;
 use super::report::{ServerConnReport, ServerReport};
+use super::timeline;
 use super::{Error, Mode};
 
 /// How long connections still open at the server's deadline get to finish, e.g. those of a
@@ -50,6 +51,9 @@ pub struct ServerOptions {
     /// Stop accepting after this many connections and exit once they are done.
     pub max_conns: Option<u64>,
     pub nodelay: bool,
+    /// Stream mode: record bytes received per millisecond for up to this many milliseconds
+    /// after each connection's first byte (see [`timeline`]).
+    pub timeline_buckets: Option<usize>,
 }
 
 /// A bound server; binding is separate from [`Server::run`] so the caller can announce the
@@ -125,9 +129,16 @@ impl Server {
                 let nodelay = self.opts.nodelay;
                 match self.opts.service {
                     Service::Connect => drop(stream),
-                    Service::Stream => handlers.push(thread::spawn(move || {
-                        sink(stream, peer, nodelay, drain_deadline)
-                    })),
+                    Service::Stream => {
+                        // One origin for every connection: their series share a time axis.
+                        let recorder = self
+                            .opts
+                            .timeline_buckets
+                            .map(|cap| timeline::Recorder::new(start, cap));
+                        handlers.push(thread::spawn(move || {
+                            sink(stream, peer, nodelay, drain_deadline, recorder)
+                        }));
+                    }
                     Service::Rr { msg_size } => handlers.push(thread::spawn(move || {
                         echo(stream, peer, msg_size, nodelay, drain_deadline)
                     })),
@@ -220,9 +231,10 @@ fn sink(
     peer: SocketAddr,
     nodelay: bool,
     deadline: Instant,
+    mut recorder: Option<timeline::Recorder>,
 ) -> ServerConnReport {
     let mut sum = Checksum::new();
-    let outcome = sink_into(&mut stream, nodelay, &mut sum, deadline);
+    let outcome = sink_into(&mut stream, nodelay, &mut sum, deadline, recorder.as_mut());
     let digest = sum.digest();
     ServerConnReport {
         peer,
@@ -230,6 +242,7 @@ fn sink(
         checksum: Some(digest.checksum),
         transactions: None,
         error: outcome.err().map(|e| e.to_string()),
+        timeline: recorder.map(timeline::Recorder::finish),
     }
 }
 
@@ -238,13 +251,19 @@ fn sink_into(
     nodelay: bool,
     sum: &mut Checksum,
     deadline: Instant,
+    mut recorder: Option<&mut timeline::Recorder>,
 ) -> io::Result<()> {
     configure(stream, nodelay)?;
     let mut buf = vec![0; STREAM_READ_BUF];
     loop {
         match read_some(stream, &mut buf, deadline)? {
             0 => return stream.write_all(&sum.digest().to_wire()),
-            n => sum.update(&buf[..n]),
+            n => {
+                if let Some(r) = recorder.as_deref_mut() {
+                    r.record(n);
+                }
+                sum.update(&buf[..n]);
+            }
         }
     }
 }
@@ -264,6 +283,7 @@ fn echo(
         checksum: None,
         transactions: Some(transactions),
         error: outcome.err().map(|e| e.to_string()),
+        timeline: None,
     }
 }
 

@@ -22,7 +22,7 @@ pub fn num(v: f64) -> String {
     }
 }
 
-fn spread(f: &Figure) -> String {
+pub(super) fn spread(f: &Figure) -> String {
     format!("{} ({}–{})", num(f.median), num(f.min), num(f.max))
 }
 
@@ -37,6 +37,13 @@ pub fn render(r: &Results, charts: &[&str]) -> String {
         }
     }
     agent_counters(&mut md, r);
+    notes(&mut md, r);
+    host(&mut md, r);
+    commands(&mut md, r);
+    md
+}
+
+pub(super) fn notes(md: &mut String, r: &Results) {
     if !r.notes.is_empty() {
         let _ = writeln!(md, "## Notes\n");
         for note in &r.notes {
@@ -44,12 +51,10 @@ pub fn render(r: &Results, charts: &[&str]) -> String {
         }
         md.push('\n');
     }
-    host(&mut md, r);
-    commands(&mut md, r);
-    md
 }
 
-fn header(md: &mut String, r: &Results) {
+/// The title and the line saying what ran where.
+pub(super) fn title(md: &mut String, r: &Results) {
     let h = &r.host;
     let _ = writeln!(md, "# quicklane bench: {} ({})\n", r.scenario, r.profile);
     let _ = writeln!(
@@ -66,6 +71,10 @@ fn header(md: &mut String, r: &Results) {
         h.os,
         h.loadavg[0]
     );
+}
+
+fn header(md: &mut String, r: &Results) {
+    title(md, r);
     let _ = writeln!(
         md,
         "{} repetitions. In each, every step ran without the agent (baseline) and with it \
@@ -141,7 +150,7 @@ fn agent_counters(md: &mut String, r: &Results) {
     }
 }
 
-fn host(md: &mut String, r: &Results) {
+pub(super) fn host(md: &mut String, r: &Results) {
     let h = &r.host;
     let _ = writeln!(md, "## Host\n\n| | |\n|---|---|");
     for (k, v) in [
@@ -162,10 +171,10 @@ fn host(md: &mut String, r: &Results) {
     }
 }
 
-fn commands(md: &mut String, r: &Results) {
+pub(super) fn commands(md: &mut String, r: &Results) {
     let _ = writeln!(
         md,
-        "\n## Commands\n\nEach distinct command once (where it ran: pod0/pod1 are pods, node is \
+        "\n## Commands\n\nEach distinct command once (where it ran: podN are pods, node is \
          the node's host namespace outside the node's cgroup); all {} runs, with their raw \
          outputs, are in `results.json` (`commands`) and `raw/`.\n\n```",
         r.commands.len()

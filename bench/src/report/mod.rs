@@ -1,13 +1,14 @@
 //! The results directory: `results.json`, `report.md` and the SVG charts.
 
 pub mod markdown;
+pub mod qos;
 pub mod svg;
 
 use std::path::{Path, PathBuf};
 
 use crate::error::Error;
 use crate::results::{Figure, Mode, Results};
-use svg::{Chart, Point, Rule, Scale, Series};
+use svg::{Chart, Point, Rule, Scale, Series, XScale, MEDIANS_NOTE};
 
 /// Writes everything and returns the paths written.
 pub fn write(dir: &Path, results: &Results) -> Result<Vec<PathBuf>, Error> {
@@ -23,12 +24,23 @@ pub fn write(dir: &Path, results: &Results) -> Result<Vec<PathBuf>, Error> {
     };
     let json = serde_json::to_string_pretty(results).expect("results serialize to JSON");
     put("results.json", &json)?;
-    let charts = charts(results);
+    // The qos scenario compares three arms per figure group, not two modes per size.
+    let qos = results.scenario == "qos";
+    let charts = if qos {
+        qos::charts(results)
+    } else {
+        charts(results)
+    };
     for (name, chart) in &charts {
         put(name, &svg::render(chart))?;
     }
     let names: Vec<&str> = charts.iter().map(|(n, _)| n.as_str()).collect();
-    put("report.md", &markdown::render(results, &names))?;
+    let md = if qos {
+        qos::render(results, &names)
+    } else {
+        markdown::render(results, &names)
+    };
+    put("report.md", &md)?;
     Ok(written)
 }
 
@@ -73,10 +85,12 @@ fn charts(results: &Results) -> Vec<(String, Chart)> {
                 Chart {
                     title: title.to_owned(),
                     x_label: "message size (bytes)".to_owned(),
+                    x_scale: XScale::Bytes,
                     y_label: y_label.to_owned(),
                     y_scale: scale,
                     series,
                     rules: Vec::new(),
+                    note: MEDIANS_NOTE.to_owned(),
                 },
             ));
         }
@@ -201,6 +215,7 @@ fn ratio_chart(results: &Results) -> Chart {
         title: "accelerated / baseline (same run, medians; whiskers: per-repetition min..max)"
             .to_owned(),
         x_label: "message size (bytes)".to_owned(),
+        x_scale: XScale::Bytes,
         y_label: "ratio".to_owned(),
         y_scale: Scale::Linear,
         series,
@@ -208,6 +223,7 @@ fn ratio_chart(results: &Results) -> Chart {
             .into_iter()
             .map(|(y, label)| Rule { y, label })
             .collect(),
+        note: MEDIANS_NOTE.to_owned(),
     }
 }
 

@@ -1,5 +1,6 @@
-//! Line charts written as SVG by hand: message size on a log-2 x axis, values with their
-//! min..max whiskers, dashed reference lines for targets, a legend on the right.
+//! Line charts written as SVG by hand: message size on a log-2 x axis (or a linear or
+//! categorical one), values with their min..max whiskers, dashed reference lines for targets,
+//! a legend on the right.
 
 use std::fmt::Write as _;
 
@@ -38,21 +39,41 @@ pub struct Rule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scale {
     Linear,
+    /// Linear over the data's range only (not from zero): for values that all sit near a
+    /// target, such as ratios to a limit.
+    Fitted,
     /// Message sizes: log 2, ticks at the measured sizes.
     Bytes,
     /// Log 10, ticks at powers of ten.
     Log10,
 }
 
+/// What the x axis shows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum XScale {
+    /// Message sizes: log 2, ticks at the measured sizes.
+    Bytes,
+    /// Linear, "nice" ticks (e.g. time).
+    Linear,
+    /// Named categories; a point's x is its category's index.
+    Categories(Vec<String>),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Chart {
     pub title: String,
     pub x_label: String,
+    pub x_scale: XScale,
     pub y_label: String,
     pub y_scale: Scale,
     pub series: Vec<Series>,
     pub rules: Vec<Rule>,
+    /// How to read the marks, under the legend.
+    pub note: String,
 }
+
+/// The usual [`Chart::note`]: points summarise repetitions.
+pub const MEDIANS_NOTE: &str = "dots: median; whiskers: min..max";
 
 /// Maps data to pixels on one axis.
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +93,10 @@ impl Axis {
             Scale::Linear => {
                 let hi = if max > 0.0 { max * 1.08 } else { 1.0 };
                 (0.0_f64.min(min), hi)
+            }
+            Scale::Fitted => {
+                let pad = ((max - min) * 0.15).max(max.abs() * 0.01).max(1e-9);
+                (min - pad, max + pad)
             }
             Scale::Bytes => {
                 let (lo, hi) = (min.max(1.0).log2(), max.max(1.0).log2());
@@ -99,7 +124,7 @@ impl Axis {
 
     fn px(&self, v: f64) -> f64 {
         let t = match self.scale {
-            Scale::Linear => v,
+            Scale::Linear | Scale::Fitted => v,
             Scale::Bytes => v.max(1e-9).log2(),
             Scale::Log10 => v.max(1e-9).log10(),
         };
@@ -115,7 +140,7 @@ impl Axis {
     /// Tick values: "nice" steps for linear, powers of ten for log 10.
     fn ticks(&self) -> Vec<f64> {
         match self.scale {
-            Scale::Linear => {
+            Scale::Linear | Scale::Fitted => {
                 let raw = (self.hi - self.lo) / 5.0;
                 let mag = 10f64.powf(raw.log10().floor());
                 let step = [1.0, 2.0, 5.0, 10.0]
@@ -154,7 +179,8 @@ fn number(v: f64) -> String {
     } else if a >= 10.0 {
         format!("{v:.0}")
     } else if a >= 1.0 {
-        trim(format!("{v:.1}"))
+        // Two decimals, or ticks 0.05 apart (1.05) would read as 1.1.
+        trim(format!("{v:.2}"))
     } else {
         trim(format!("{v:.3}"))
     }
@@ -201,24 +227,55 @@ pub fn render(chart: &Chart) -> String {
     if ys.is_empty() {
         ys.push(1.0);
     }
-    let x = Axis::fit(
-        Scale::Bytes,
-        if sizes.is_empty() { &[1.0] } else { &sizes },
-        LEFT,
-        PLOT_RIGHT,
-    );
+    let xs = if sizes.is_empty() { vec![1.0] } else { sizes };
+    let (x, x_ticks) = x_axis(&chart.x_scale, &xs);
     let y = Axis::fit(chart.y_scale, &ys, PLOT_BOTTOM, TOP);
     let mut s = String::new();
-    frame(&mut s, chart, &x, &y, &sizes);
+    frame(&mut s, chart, &x, &y, &x_ticks);
     rules(&mut s, chart, &y);
-    series(&mut s, chart, &x, &y);
+    let categorical = matches!(chart.x_scale, XScale::Categories(_));
+    series(&mut s, chart, &x, &y, categorical);
     legend(&mut s, chart);
     s.push_str("</svg>\n");
     s
 }
 
-/// Header, grid, ticks at the measured sizes, the plot's frame and the axis labels.
-fn frame(s: &mut String, chart: &Chart, x: &Axis, y: &Axis, sizes: &[f64]) {
+/// The x axis for the points' `xs` (sorted, distinct), and its ticks with their labels.
+fn x_axis(scale: &XScale, xs: &[f64]) -> (Axis, Vec<(f64, String)>) {
+    match scale {
+        XScale::Bytes => (
+            Axis::fit(Scale::Bytes, xs, LEFT, PLOT_RIGHT),
+            xs.iter().map(|&v| (v, size_tick(v))).collect(),
+        ),
+        XScale::Linear => {
+            let mut axis = Axis::fit(Scale::Linear, xs, LEFT, PLOT_RIGHT);
+            // Data, not zero, bounds a linear x axis (a time axis may start below zero).
+            let (min, max) = (xs[0], xs[xs.len() - 1]);
+            let pad = ((max - min) * 0.03).max(1e-9);
+            (axis.lo, axis.hi) = (min - pad, max + pad);
+            let ticks = axis.ticks().into_iter().map(|v| (v, number(v))).collect();
+            (axis, ticks)
+        }
+        XScale::Categories(names) => {
+            let axis = Axis {
+                scale: Scale::Linear,
+                lo: -0.5,
+                hi: names.len().max(1) as f64 - 0.5,
+                px_lo: LEFT,
+                px_hi: PLOT_RIGHT,
+            };
+            let ticks = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (i as f64, n.clone()))
+                .collect();
+            (axis, ticks)
+        }
+    }
+}
+
+/// Header, grid, x ticks, the plot's frame and the axis labels.
+fn frame(s: &mut String, chart: &Chart, x: &Axis, y: &Axis, x_ticks: &[(f64, String)]) {
     let _ = write!(
         s,
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="Helvetica, Arial, sans-serif" font-size="12">
@@ -237,13 +294,13 @@ fn frame(s: &mut String, chart: &Chart, x: &Axis, y: &Axis, sizes: &[f64]) {
             number(tick)
         );
     }
-    for &size in sizes {
-        let px = x.px(size);
+    for (value, label) in x_ticks {
+        let px = x.px(*value);
         let _ = writeln!(
             s,
             r##"<line x1="{px:.1}" y1="{TOP}" x2="{px:.1}" y2="{PLOT_BOTTOM}" stroke="#f0f0f0"/><text x="{px:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
             PLOT_BOTTOM + 16.0,
-            size_tick(size)
+            escape(label)
         );
     }
     let _ = writeln!(
@@ -284,22 +341,32 @@ fn dash(series: &Series) -> &'static str {
 }
 
 /// Each series: a line through the medians, a dot per median, a whisker from min to max.
-fn series(s: &mut String, chart: &Chart, x: &Axis, y: &Axis) {
-    for series in &chart.series {
-        let path: Vec<String> = series
-            .points
-            .iter()
-            .map(|p| format!("{:.1},{:.1}", x.px(p.x), y.px(p.y)))
-            .collect();
-        let _ = writeln!(
-            s,
-            r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"{}/>"#,
-            path.join(" "),
-            series.color,
-            dash(series)
-        );
+/// On a categorical axis there is no line (categories are not a progression) and the series
+/// sit side by side within each category, so none hides another.
+fn series(s: &mut String, chart: &Chart, x: &Axis, y: &Axis, categorical: bool) {
+    let n = chart.series.len() as f64;
+    for (i, series) in chart.series.iter().enumerate() {
+        let dodge = if categorical {
+            (i as f64 - (n - 1.0) / 2.0) * 0.12
+        } else {
+            0.0
+        };
+        if !categorical {
+            let path: Vec<String> = series
+                .points
+                .iter()
+                .map(|p| format!("{:.1},{:.1}", x.px(p.x), y.px(p.y)))
+                .collect();
+            let _ = writeln!(
+                s,
+                r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"{}/>"#,
+                path.join(" "),
+                series.color,
+                dash(series)
+            );
+        }
         for p in &series.points {
-            let (px, py) = (x.px(p.x), y.px(p.y));
+            let (px, py) = (x.px(p.x + dodge), y.px(p.y));
             let (lo, hi) = (y.px(p.lo), y.px(p.hi));
             let (left, right) = (px - 4.0, px + 4.0);
             let _ = writeln!(
@@ -339,7 +406,8 @@ fn legend(s: &mut String, chart: &Chart) {
     }
     let _ = writeln!(
         s,
-        r##"<text x="{lx:.1}" y="{PLOT_BOTTOM:.1}" fill="#555555">dots: median; whiskers: min..max</text>"##
+        r##"<text x="{lx:.1}" y="{PLOT_BOTTOM:.1}" fill="#555555">{}</text>"##,
+        escape(&chart.note)
     );
 }
 
@@ -351,6 +419,7 @@ mod tests {
         Chart {
             title: "lat <&> \"us\"".into(),
             x_label: "message size".into(),
+            x_scale: XScale::Bytes,
             y_label: "us".into(),
             y_scale: scale,
             series: vec![Series {
@@ -363,6 +432,7 @@ mod tests {
                 y: 0.45,
                 label: "target 0.45x".into(),
             }],
+            note: MEDIANS_NOTE.into(),
         }
     }
 
@@ -395,6 +465,9 @@ mod tests {
         assert_eq!(y.ticks(), vec![10.0, 20.0, 50.0, 100.0]);
         let lin = Axis::fit(Scale::Linear, &[0.2, 2.0], 100.0, 0.0);
         assert_eq!(lin.ticks(), vec![0.0, 0.5, 1.0, 1.5, 2.0]);
+        let fitted = Axis::fit(Scale::Fitted, &[0.95, 1.05], 100.0, 0.0);
+        assert!(fitted.lo > 0.9 && fitted.hi < 1.1, "{fitted:?}");
+        assert!(fitted.px(0.95) < 100.0 && fitted.px(1.05) > 0.0);
     }
 
     #[test]
@@ -405,11 +478,36 @@ mod tests {
     }
 
     #[test]
+    fn linear_and_categorical_x_axes() {
+        let mut c = chart(Scale::Linear, vec![p(-50.0, 1.0), p(150.0, 2.0)]);
+        c.x_scale = XScale::Linear;
+        let svg = render(&c);
+        assert!(svg.contains(">-50<") && svg.contains(">100<"), "{svg}");
+        let (axis, _) = x_axis(&XScale::Linear, &[-50.0, 150.0]);
+        assert!(axis.px(-50.0) > LEFT && axis.px(150.0) < PLOT_RIGHT);
+        c.x_scale = XScale::Categories(vec!["idle p99".into(), "busy <p99>".into()]);
+        c.series[0].points = vec![p(0.0, 1.0), p(1.0, 2.0)];
+        let svg = render(&c);
+        assert!(
+            svg.contains(">idle p99<") && svg.contains("busy &lt;p99&gt;"),
+            "{svg}"
+        );
+        assert!(
+            !svg.contains("<polyline"),
+            "no lines between categories: {svg}"
+        );
+        let (axis, ticks) = x_axis(&XScale::Categories(vec!["a".into()]), &[0.0]);
+        assert_eq!(ticks, vec![(0.0, "a".to_owned())]);
+        assert!((axis.px(0.0) - f64::midpoint(LEFT, PLOT_RIGHT)).abs() < 1e-9);
+    }
+
+    #[test]
     fn labels() {
         assert_eq!(size_tick(65536.0), "64K");
         assert_eq!(size_tick(16.0), "16");
         assert_eq!(number(0.45), "0.45");
         assert_eq!(number(1.5), "1.5");
+        assert_eq!(number(1.05), "1.05");
         assert_eq!(number(3500.0), "3500");
     }
 }

@@ -173,8 +173,9 @@ impl Plan {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect(),
-            order: (0..self.reps).map(mode_order).collect(),
+            order: (0..self.reps).map(|rep| mode_order(rep).to_vec()).collect(),
             command: command.to_owned(),
+            params: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -324,6 +325,7 @@ pub fn run(plan: &Plan, ctx: &Context) -> Result<Results, Error> {
         agent,
         notes,
         commands,
+        timelines: Vec::new(),
     })
 }
 
@@ -390,6 +392,7 @@ impl Bench<'_> {
         let mut notes = Vec::new();
         for rep in 0..self.plan.reps {
             for mode in mode_order(rep) {
+                // mode_order only yields the bypass's two modes.
                 let agent = match mode {
                     Mode::Accelerated => Some(Agent::start(
                         self.node,
@@ -397,7 +400,7 @@ impl Bench<'_> {
                         &config,
                         &mut self.rec,
                     )?),
-                    Mode::Baseline => None,
+                    _ => None,
                 };
                 for step in &steps {
                     progress.begin(rep, self.plan.reps, mode, &step.label());
@@ -416,7 +419,11 @@ impl Bench<'_> {
                             rep + 1
                         ));
                     }
-                    agent_blocks.push(AgentBlock { rep, counters });
+                    agent_blocks.push(AgentBlock {
+                        rep,
+                        block: None,
+                        counters,
+                    });
                 }
             }
         }

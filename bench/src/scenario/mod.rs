@@ -1,7 +1,9 @@
 //! Named benchmark scenarios. Each is a small module that builds its topology on a simulated
-//! node, measures baseline and accelerated interleaved, and returns [`Results`].
+//! node, measures its arms (baseline and accelerated; for qos quicklane, htb and tbf)
+//! interleaved, and returns [`Results`].
 
 pub mod bypass;
+pub mod qos;
 
 use std::path::PathBuf;
 
@@ -16,7 +18,8 @@ pub enum Scenario {
     /// Same-node TCP bypass: qperf, sockperf, iperf3 and the load generator, pod to pod,
     /// over loopback, and to a non-eligible peer.
     Bypass,
-    /// Bandwidth QoS per class (needs the QoS datapath).
+    /// Bandwidth QoS: rate accuracy, priority under saturation and preemption, quicklane
+    /// against htb and tbf configured for the same rates.
     Qos,
 }
 
@@ -75,14 +78,13 @@ pub fn run(
 ) -> Result<Results, Error> {
     match scenario {
         Scenario::Bypass => bypass::run(&bypass::Plan::new(profile, overrides), ctx),
-        Scenario::Qos => Err(Error::NotImplemented(
-            "the QoS datapath (issue 5) is not built; `--scenario qos` will measure it once it is",
-        )),
+        Scenario::Qos => qos::run(&qos::Plan::new(profile, overrides)?, ctx),
     }
 }
 
 /// Baseline first in even repetitions, accelerated first in odd ones, so a drift of the
-/// machine during a repetition does not always favour the same mode.
+/// machine during a repetition does not always favour the same mode. (The qos scenario has
+/// three arms and rotates them: `qos::Plan::order`.)
 pub fn mode_order(rep: usize) -> [Mode; 2] {
     if rep.is_multiple_of(2) {
         [Mode::Baseline, Mode::Accelerated]
@@ -103,17 +105,23 @@ mod tests {
     }
 
     #[test]
-    fn qos_is_refused_until_its_datapath_exists() {
+    fn qos_refuses_flags_it_does_not_use_before_building_anything() {
         let ctx = Context {
             exe: PathBuf::from("/nonexistent"),
             out_dir: PathBuf::from("/nonexistent"),
             command_line: String::new(),
         };
-        let err = run(Scenario::Qos, Profile::Quick, &Overrides::default(), &ctx).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "not implemented yet: the QoS datapath (issue 5) is not built; `--scenario qos` \
-             will measure it once it is"
-        );
+        let overrides = Overrides {
+            sizes: Some(vec![64]),
+            ..Overrides::default()
+        };
+        let err = run(Scenario::Qos, Profile::Quick, &overrides, &ctx).unwrap_err();
+        assert!(matches!(err, Error::Usage(_)), "{err}");
+        let overrides = Overrides {
+            reps: Some(0),
+            ..Overrides::default()
+        };
+        let err = run(Scenario::Qos, Profile::Quick, &overrides, &ctx).unwrap_err();
+        assert!(err.to_string().contains("--reps"), "{err}");
     }
 }

@@ -26,6 +26,89 @@ pub fn client_args(host: IpAddr, port: u16, secs: u32) -> Vec<String> {
     ]
 }
 
+/// A TCP upload with congestion control `cc` (e.g. `cubic`).
+pub fn tcp_args(host: IpAddr, port: u16, secs: u32, cc: &str) -> Vec<String> {
+    let mut args = client_args(host, port, secs);
+    args.extend(["-C".into(), cc.into()]);
+    args
+}
+
+/// A UDP upload offered at `bits_per_sec` in `len`-byte datagrams.
+pub fn udp_args(host: IpAddr, port: u16, secs: u32, bits_per_sec: u64, len: u32) -> Vec<String> {
+    let mut args = client_args(host, port, secs);
+    args.extend([
+        "-u".into(),
+        "-b".into(),
+        bits_per_sec.to_string(),
+        "-l".into(),
+        len.to_string(),
+    ]);
+    args
+}
+
+/// A TCP upload that also reports the receiver's rate every `interval_secs`: the server
+/// must run with `-J` (and `-i` at the same interval) for its intervals to come back as JSON.
+pub fn tcp_args_with_receiver_intervals(
+    host: IpAddr,
+    port: u16,
+    secs: u32,
+    cc: &str,
+    interval_secs: f64,
+) -> Vec<String> {
+    let mut args = tcp_args(host, port, secs, cc);
+    args.extend([
+        "-i".into(),
+        format!("{interval_secs}"),
+        "--get-server-output".into(),
+    ]);
+    args
+}
+
+/// One receiver interval, in seconds from the test's start.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Interval {
+    pub start: f64,
+    pub end: f64,
+    pub bits_per_second: f64,
+}
+
+/// The receiver's intervals from a `--get-server-output` run against a `-J` server.
+pub fn receiver_intervals(output: &str) -> Result<Vec<Interval>, ParseError> {
+    let json: Value = serde_json::from_str(output)
+        .map_err(|e| ParseError::new(TOOL, format!("not JSON ({e})"), output))?;
+    let intervals = json["server_output_json"]["intervals"]
+        .as_array()
+        .ok_or_else(|| {
+            ParseError::new(
+                TOOL,
+                "no server_output_json.intervals (server not in -J mode?)",
+                output,
+            )
+        })?;
+    intervals
+        .iter()
+        .map(|i| {
+            let sum = &i["sum"];
+            match (
+                sum["start"].as_f64(),
+                sum["end"].as_f64(),
+                sum["bits_per_second"].as_f64(),
+            ) {
+                (Some(start), Some(end), Some(bits_per_second)) => Ok(Interval {
+                    start,
+                    end,
+                    bits_per_second,
+                }),
+                _ => Err(ParseError::new(
+                    TOOL,
+                    format!("a receiver interval without start/end/bits_per_second: {sum}"),
+                    output,
+                )),
+            }
+        })
+        .collect()
+}
+
 /// The totals of one run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Run {
@@ -37,6 +120,9 @@ pub struct Run {
     /// Received bits per second / 1e9.
     pub gbit_per_s: f64,
     pub retransmits: u64,
+    /// What the sender put on the wire, bits per second / 1e9 (for UDP: the offered load
+    /// it managed).
+    pub sent_gbit_per_s: f64,
 }
 
 pub fn parse(output: &str) -> Result<Run, ParseError> {
@@ -69,8 +155,9 @@ pub fn parse(output: &str) -> Result<Run, ParseError> {
         received_bytes: field("sum_received", "bytes")? as u64,
         seconds,
         gbit_per_s: bits_per_second / 1e9,
-        // Absent on some platforms; not needed for the figures.
+        // Absent on some platforms and for UDP.
         retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+        sent_gbit_per_s: end["sum_sent"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9,
     })
 }
 
@@ -82,6 +169,38 @@ mod tests {
     fn whole_seconds_only() {
         let args = client_args("10.77.0.1".parse().unwrap(), 5201, 0);
         assert_eq!(args, ["-c", "10.77.0.1", "-p", "5201", "-t", "1", "--json"]);
+    }
+
+    #[test]
+    fn tcp_and_udp_extras() {
+        let host = "10.77.2.2".parse().unwrap();
+        assert_eq!(
+            tcp_args(host, 5201, 2, "cubic").join(" "),
+            "-c 10.77.2.2 -p 5201 -t 2 --json -C cubic"
+        );
+        assert_eq!(
+            udp_args(host, 5201, 2, 400_000_000, 1400).join(" "),
+            "-c 10.77.2.2 -p 5201 -t 2 --json -u -b 400000000 -l 1400"
+        );
+    }
+
+    #[test]
+    fn receiver_intervals_come_from_the_servers_json() {
+        let json = r#"{"server_output_json":{"intervals":[
+            {"sum":{"start":0,"end":0.1,"bits_per_second":4e8}},
+            {"sum":{"start":0.1,"end":0.2,"bits_per_second":5e7}}]}}"#;
+        let iv = receiver_intervals(json).unwrap();
+        assert_eq!(iv.len(), 2);
+        assert_eq!(
+            iv[1],
+            Interval {
+                start: 0.1,
+                end: 0.2,
+                bits_per_second: 5e7
+            }
+        );
+        let err = receiver_intervals(r#"{"server_output_text":"..."}"#).unwrap_err();
+        assert!(err.to_string().contains("-J"), "{err}");
     }
 
     #[test]

@@ -23,6 +23,8 @@ const TOOL: &str = "sockperf";
 
 /// Fixed time a ping-pong run spends outside its `-t` window (start-up sleep, exit).
 pub const OVERHEAD_SECS: f64 = 2.3;
+/// Of that, the sleep after start-up before any message is sent.
+pub const START_SLEEP_SECS: f64 = 2.0;
 
 /// Server arguments: TCP on every address of the pod, `port`.
 pub fn server_args(port: u16) -> Vec<String> {

@@ -88,18 +88,8 @@ pub fn apply(
     let shaped: Vec<usize> = (0..policy.pods.len())
         .filter(|&i| policy.pods[i].0.managed())
         .collect();
-    let table = |dir: Direction| {
-        let demands: Vec<PodDemand> = shaped
-            .iter()
-            .map(|&i| PodDemand {
-                policy: policy.pods[i].1,
-                active: activity.is_active(i, dir),
-            })
-            .collect();
-        rate_table(&policy.node, &demands, dir)
-    };
-    let egress = table(Direction::Egress);
-    let ingress = table(Direction::Ingress);
+    let egress = table(policy, &shaped, activity, Direction::Egress);
+    let ingress = table(policy, &shaped, activity, Direction::Ingress);
 
     let mut rows = vec![QosPod::EMPTY; policy.pods.len()];
     for (row, &i) in shaped.iter().enumerate() {
@@ -183,6 +173,35 @@ pub fn apply(
         capacity_bps: policy.node.capacity.bits_per_sec(),
         pods,
     })
+}
+
+/// The allocator's rows for the `shaped` pods in one direction.
+fn table(
+    policy: &QosPolicy,
+    shaped: &[usize],
+    activity: &Activity,
+    dir: Direction,
+) -> Vec<[quicklane_qos::Rate; quicklane_qos::allocator::MASK_COUNT]> {
+    // The kernel uses a row with a class's bit set only while that class sends. If
+    // userspace saw none of its pods send yet (they all woke within the last tick), all of
+    // them count, or the other rows would ignore the class until the next tick.
+    let mut class_seen = [false; CLASS_OFFLINE as usize + 1];
+    for &i in shaped {
+        if activity.is_active(i, dir) {
+            class_seen[class_of(&policy.pods[i].1) as usize] = true;
+        }
+    }
+    let demands: Vec<PodDemand> = shaped
+        .iter()
+        .map(|&i| {
+            let pod = policy.pods[i].1;
+            PodDemand {
+                policy: pod,
+                active: activity.is_active(i, dir) || !class_seen[class_of(&pod) as usize],
+            }
+        })
+        .collect();
+    rate_table(&policy.node, &demands, dir)
 }
 
 /// Each pod's shaped bytes so far, `[egress, ingress]`, summed over CPUs.
