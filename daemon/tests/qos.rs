@@ -16,6 +16,16 @@ fn privileged(test: &str) -> bool {
     simnode::privileged_or_skip(test)
 }
 
+/// The tests measure rates on a 2-CPU machine: one at a time, or they measure each other.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    // A failed test poisons the lock; the next one still runs alone.
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 const MBIT: f64 = 1e6;
 
 /// `[[qos.pods]]` for `pod` with its annotations.
@@ -145,6 +155,7 @@ fn a_pods_egress_limit_holds_for_tcp_cubic_bbr_and_udp() {
     if !privileged("qos egress limit test") {
         return;
     }
+    let _serial = one_at_a_time();
     let node = Node::new(2).unwrap();
     let (a, b) = (node.pod(0), node.pod(1));
     let limit = 200.0 * MBIT;
@@ -199,6 +210,7 @@ fn priorities_hold_shares_and_guarantees_and_lend_idle_capacity() {
     if !privileged("qos priority test") {
         return;
     }
+    let _serial = one_at_a_time();
     let node = Node::new(3).unwrap();
     let (hi, lo, sink) = (node.pod(0), node.pod(1), node.pod(2));
     let config = qos_config(
@@ -266,6 +278,7 @@ fn an_ingress_limit_holds_changes_live_and_lifts_when_removed() {
     if !privileged("qos ingress test") {
         return;
     }
+    let _serial = one_at_a_time();
     let node = Node::new(2).unwrap();
     let (a, b) = (node.pod(0), node.pod(1));
     let limited = |rate: &str| {
@@ -356,6 +369,7 @@ fn a_bypassed_connection_is_held_to_a_limit_that_appears_live() {
     if !privileged("qos bypass accountability test") {
         return;
     }
+    let _serial = one_at_a_time();
     let node = Node::new(2).unwrap();
     let (a, b) = (node.pod(0), node.pod(1));
     let keys = "capacity = \"10G\"";
@@ -406,6 +420,7 @@ fn three_priorities_with_an_idle_pod_whose_share_goes_to_its_class() {
     if !privileged("qos three priorities test") {
         return;
     }
+    let _serial = one_at_a_time();
     let node = Node::new(5).unwrap();
     let (hi, mid1, mid2, lo, sink) = (
         node.pod(0),
@@ -471,6 +486,7 @@ fn offline_pods_get_volcanos_low_and_high_shares() {
     if !privileged("qos offline test") {
         return;
     }
+    let _serial = one_at_a_time();
     let node = Node::new(3).unwrap();
     let (web, batch, sink) = (node.pod(0), node.pod(1), node.pod(2));
     let config = qos_config(
@@ -513,6 +529,7 @@ fn a_light_high_priority_pod_leaves_the_rest_to_lower_classes() {
     if !privileged("qos light high-priority test") {
         return;
     }
+    let _serial = one_at_a_time();
     let node = Node::new(3).unwrap();
     let (hi, lo, sink) = (node.pod(0), node.pod(1), node.pod(2));
     let config = qos_config(
