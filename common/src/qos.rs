@@ -183,6 +183,21 @@ pub struct Classes {
 }
 
 impl Classes {
+    /// Reads one direction's classes; `get` looks an index of `QL_QOS_ACTIVE` up (the map is
+    /// declared in each BPF object, so the lookup is passed in).
+    #[inline(always)]
+    pub fn read<'a>(dir: u32, get: impl Fn(u32) -> Option<&'a ClassActivity>) -> Self {
+        let mut classes = Self::default();
+        let mut i = 0;
+        while i < CLASSES {
+            if let Some(a) = get(activity_slot(dir, i as u32)) {
+                classes.add(i, a);
+            }
+            i += 1;
+        }
+        classes
+    }
+
     #[inline(always)]
     pub fn add(&mut self, class: usize, a: &ClassActivity) {
         if class < CLASSES {

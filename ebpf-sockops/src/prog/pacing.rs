@@ -11,9 +11,7 @@ use aya_ebpf::{
 };
 use quicklane_common::{
     counters::sockops as c,
-    qos::{
-        activity_slot, effective_rate, AddrKey, Classes, QosPod, CLASSES, DIR_EGRESS, DIR_INGRESS,
-    },
+    qos::{effective_rate, AddrKey, Classes, QosPod, CLASSES, DIR_EGRESS, DIR_INGRESS},
     sock::SockKey,
     SOCKOPS_F_PACING,
 };
@@ -118,14 +116,7 @@ fn pod_at(family: u32, addr: [u32; 4]) -> Option<&'static QosPod> {
 /// The rate the tc shaper would give this pod's next packet.
 #[inline(always)]
 fn rate_now(pod: &QosPod, dir: u32, now: u64) -> u64 {
-    let mut classes = Classes::default();
-    let mut i = 0;
-    while i < CLASSES {
-        if let Some(a) = QL_QOS_ACTIVE.get(activity_slot(dir, i as u32)) {
-            classes.add(i, a);
-        }
-        i += 1;
-    }
+    let classes = Classes::read(dir, |i| QL_QOS_ACTIVE.get(i));
     let own = pod.class as usize & (CLASSES - 1);
     effective_rate(pod, dir, classes.mask(now) | (1 << own), &classes)
 }

@@ -150,14 +150,7 @@ fn pure_tcp_ack(ctx: &TcContext) -> bool {
 /// once that passes the threshold, and returns what the datapath knows of the classes.
 #[inline(always)]
 fn note_activity(dir: u32, class: u32, len: u64, now: u64, window: u64) -> Classes {
-    let mut classes = Classes::default();
-    let mut i = 0;
-    while i < CLASSES {
-        if let Some(a) = QL_QOS_ACTIVE.get(activity_slot(dir, i as u32)) {
-            classes.add(i, a);
-        }
-        i += 1;
-    }
+    let mut classes = Classes::read(dir, |i| QL_QOS_ACTIVE.get(i));
     let own = (class as usize) & (CLASSES - 1);
     if let Some(p) = QL_QOS_ACTIVE.get_ptr_mut(activity_slot(dir, class)) {
         // SAFETY: array value pointer, 8-byte aligned fields. Window restarts are plain
