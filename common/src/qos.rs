@@ -34,8 +34,6 @@ pub struct QosPod {
     pub class: u32,
     /// `POD_F_*` bits.
     pub flags: u32,
-    /// Bumped by userspace on every change, so sock_ops re-paces sockets only when it moves.
-    pub generation: u64,
     pub egress: [u64; MASKS],
     pub ingress: [u64; MASKS],
 }
@@ -44,7 +42,6 @@ impl QosPod {
     pub const EMPTY: Self = Self {
         class: 0,
         flags: 0,
-        generation: 0,
         egress: [0; MASKS],
         ingress: [0; MASKS],
     };
@@ -329,7 +326,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::ClassActivity {}
 }
 
-const _: () = assert!(core::mem::size_of::<QosPod>() == 16 + 2 * 8 * MASKS);
+const _: () = assert!(core::mem::size_of::<QosPod>() == 8 + 2 * 8 * MASKS);
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<QosStats>() == 32);
 const _: () = assert!(core::mem::size_of::<QosConfig>() == 32);

@@ -674,21 +674,8 @@ fn iperf3_rate(server: &Pod, from: &Pod, port: u16, extra: &[&str]) -> (f64, u64
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let _srv = server.spawn(&mut cmd).unwrap();
-    let listening = format!(":{port:04X} 00000000000000000000000000000000:0000 0A");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !server
-        .in_netns(|| {
-            std::fs::read_to_string("/proc/thread-self/net/tcp6")
-                .is_ok_and(|t| t.contains(&listening))
-        })
-        .unwrap()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "iperf3 server not listening"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Under TCG the server can take seconds to start.
+    support::wait_tcp_listening(server, port, Duration::from_secs(30));
     let out = from
         .command("iperf3")
         .args(["-c", &server.ipv4().to_string(), "-p", &port.to_string()])

@@ -3,10 +3,7 @@
 //! changes. The bypass stays on throughout, so a shaped pod cannot escape its limit through it.
 mod support;
 
-use std::{
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::{process::Stdio, time::Duration};
 
 use serde_json::Value;
 use simnode::{Node, Pod, Proc};
@@ -61,19 +58,7 @@ fn iperf_server(pod: &Pod, port: u16) -> Proc {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let proc = pod.spawn(&mut cmd).expect("spawn iperf3 server");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    // Ready once the port is listening; a probe connection would count as a (failed) test.
-    let listening = format!(":{port:04X} 00000000000000000000000000000000:0000 0A");
-    while !pod
-        .in_netns(|| {
-            std::fs::read_to_string("/proc/thread-self/net/tcp6")
-                .is_ok_and(|t| t.contains(&listening))
-        })
-        .unwrap()
-    {
-        assert!(Instant::now() < deadline, "iperf3 server not listening");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    support::wait_tcp_listening(pod, port, Duration::from_secs(5));
     proc
 }
 

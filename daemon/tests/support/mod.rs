@@ -178,6 +178,26 @@ pub fn server(pod: &Pod, mode: &str, port: u16, secs: u32, extra: &[&str]) -> Pr
     proc
 }
 
+/// Blocks until something in `pod` listens on TCP `port` (any address, IPv6 socket), without
+/// connecting: a probe connection would count as a (failed) test for iperf3.
+pub fn wait_tcp_listening(pod: &Pod, port: u16, timeout: Duration) {
+    let listening = format!(":{port:04X} 00000000000000000000000000000000:0000 0A");
+    let deadline = Instant::now() + timeout;
+    while !pod
+        .in_netns(|| {
+            std::fs::read_to_string("/proc/thread-self/net/tcp6")
+                .is_ok_and(|t| t.contains(&listening))
+        })
+        .unwrap()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listening on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Blocks until a load generator server (spawned with piped stdout) says it is listening.
 pub fn wait_listening(proc: &mut Proc) {
     let stdout = proc

@@ -97,7 +97,6 @@ pub fn apply(
         let mut entry = QosPod {
             class: class_of(pod),
             flags: POD_F_EGRESS | POD_F_INGRESS,
-            generation,
             ..QosPod::EMPTY
         };
         for mask in 0..MASKS {
