@@ -6,7 +6,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::{
     bpffs::{self, BpffsError},
     config::{Config, ConfigError},
-    datapath::{self, Datapath, DatapathError},
+    datapath::{
+        self,
+        qos::{RefusedPod, SourcePod},
+        Datapath, DatapathError,
+    },
+    kubernetes::{KubeError, PodSource},
     lock::{AgentLock, LockError},
     paths::{PinDir, RunDir},
     state::AgentState,
@@ -22,6 +27,8 @@ pub enum AgentError {
     Lock(#[from] LockError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Kubernetes(#[from] KubeError),
     #[error("state file {path}: {source}")]
     State {
         path: std::path::PathBuf,
@@ -39,7 +46,16 @@ pub fn run(config_path: &Path, keep_datapath: bool) -> Result<(), AgentError> {
     let run_dir = RunDir::new(&config.agent.run_dir);
     let _lock = AgentLock::acquire(&run_dir.lock())?;
     bpffs::ensure_pin_dir(&config.agent.pin_dir)?;
-    let mut datapath = Datapath::start(&config).inspect_err(|_| {
+    let mut source = if config.kubernetes.enabled {
+        Some(PodSource::start(&config.kubernetes, &signals.rt)?)
+    } else {
+        None
+    };
+    let mut applied = match &mut source {
+        Some(s) => initial_pods(s, &signals.rt, &config),
+        None => (Vec::new(), Vec::new()),
+    };
+    let mut datapath = Datapath::start(&config, applied.clone()).inspect_err(|_| {
         datapath::remove_empty_dirs(&PinDir::new(&config.agent.pin_dir));
     })?;
 
@@ -51,6 +67,7 @@ pub fn run(config_path: &Path, keep_datapath: bool) -> Result<(), AgentError> {
         attachments: datapath.report().to_vec(),
         rules: datapath.rules().cloned(),
         qos: datapath.qos().cloned(),
+        kubernetes: source.as_ref().map(PodSource::status),
     };
     let state_path = run_dir.state();
     let write_state = |state: &AgentState| {
@@ -61,6 +78,7 @@ pub fn run(config_path: &Path, keep_datapath: bool) -> Result<(), AgentError> {
                 source,
             })
     };
+    let mut live = config.clone();
     let served = write_state(&state).and_then(|()| {
         tracing::info!(
             attachments = state.attachments.len(),
@@ -68,25 +86,42 @@ pub fn run(config_path: &Path, keep_datapath: bool) -> Result<(), AgentError> {
         );
         let tick = config.qos.enabled.then_some(QOS_TICK);
         loop {
-            match signals.next(tick) {
+            let signal = signals.next(tick, source.as_mut());
+            match signal {
                 Signal::Stop => break,
-                Signal::Reload => match reload(config_path, &config, &mut datapath) {
-                    Ok(()) => {
-                        state.rules = datapath.rules().cloned();
-                        state.qos = datapath.qos().cloned();
-                        write_state(&state)?;
-                    }
+                Signal::Reload => match reload(config_path, &live, &mut datapath) {
+                    Ok(new) => live = new,
                     // A bad edit must not take the running datapath down: keep the old rules.
                     Err(e) => tracing::error!("SIGHUP: configuration not applied: {e}"),
                 },
-                Signal::Tick => match datapath.tick_qos() {
-                    Ok(true) => {
-                        state.qos = datapath.qos().cloned();
-                        write_state(&state)?;
+                Signal::Tick => {
+                    if let Err(e) = datapath.tick_qos() {
+                        tracing::warn!("qos: reading pod activity: {e}");
                     }
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!("qos: reading pod activity: {e}"),
-                },
+                }
+                Signal::Pods => {}
+            }
+            // The pod source is looked at on every wake-up: news from the watch, and a
+            // retry each tick for pods whose interface was not there yet.
+            if let Some(source) = &mut source {
+                let now = source.pods(&signals.rt, &live.qos.pods);
+                if now != applied {
+                    match datapath.set_source_pods(now.0.clone(), now.1.clone()) {
+                        Ok(()) => applied = now,
+                        Err(e) => tracing::error!("kubernetes: pods not applied: {e}"),
+                    }
+                }
+            }
+            let next = AgentState {
+                attachments: datapath.report().to_vec(),
+                rules: datapath.rules().cloned(),
+                qos: datapath.qos().cloned(),
+                kubernetes: source.as_ref().map(PodSource::status),
+                ..state.clone()
+            };
+            if next != state {
+                state = next;
+                write_state(&state)?;
             }
         }
         Ok(())
@@ -97,13 +132,33 @@ pub fn run(config_path: &Path, keep_datapath: bool) -> Result<(), AgentError> {
     Ok(stopped?)
 }
 
+/// How long start-up waits for the API server's first list of the node's pods.
+const INITIAL_LIST: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The source's pods at start: waiting briefly for the list means a restarted agent keeps
+/// shaping (and re-adopts the links of) pods it shaped before, rather than dropping them
+/// until the list arrives.
+fn initial_pods(
+    source: &mut PodSource,
+    rt: &tokio::runtime::Runtime,
+    config: &Config,
+) -> (Vec<SourcePod>, Vec<RefusedPod>) {
+    if !source.wait_synced(rt, INITIAL_LIST) {
+        let why = source.status().error.unwrap_or_else(|| "no answer".into());
+        tracing::error!(
+            "kubernetes: no pod list within {INITIAL_LIST:?} ({why}); starting without the API's pods, they are shaped once the list arrives"
+        );
+    }
+    source.pods(rt, &config.qos.pods)
+}
+
 /// SIGHUP: re-read the file and apply what can change live (the bypass rules, the QoS node
 /// split and pod annotations). Anything else needs a restart, and saying so beats silently
 /// ignoring it.
-fn reload(path: &Path, running: &Config, datapath: &mut Datapath) -> Result<(), AgentError> {
+fn reload(path: &Path, running: &Config, datapath: &mut Datapath) -> Result<Config, AgentError> {
     let new = Config::load(path)?;
     if new.without_live_rules() != running.without_live_rules() {
-        tracing::warn!("SIGHUP: only the bypass include/exclude rules and the QoS policy (capacity, percents, pod annotations) change live; restart the agent for the other changes");
+        tracing::warn!("SIGHUP: only the bypass include/exclude rules and the QoS policy (capacity, percents, pods and their annotations) change live; restart the agent for the other changes");
     }
     // QoS first: the bypass rules' generation bump makes sk_msg re-judge every bypassed
     // connection, and a pod that just became shaped must already be shaped when it does.
@@ -113,7 +168,7 @@ fn reload(path: &Path, running: &Config, datapath: &mut Datapath) -> Result<(), 
     if running.bypass.enabled {
         datapath.reload_rules(&new)?;
     }
-    Ok(())
+    Ok(new)
 }
 
 /// How often QoS looks at which pods send (see `datapath::qos::activity`).
@@ -125,6 +180,8 @@ enum Signal {
     Reload,
     /// `tick` passed without a signal.
     Tick,
+    /// The pod source has news.
+    Pods,
 }
 
 struct Signals {
@@ -152,7 +209,7 @@ impl Signals {
         Ok(Self { rt, term, int, hup })
     }
 
-    fn next(&mut self, tick: Option<std::time::Duration>) -> Signal {
+    fn next(&mut self, tick: Option<std::time::Duration>, pods: Option<&mut PodSource>) -> Signal {
         self.rt.block_on(async {
             let tick = async {
                 match tick {
@@ -160,8 +217,15 @@ impl Signals {
                     None => std::future::pending().await,
                 }
             };
+            let pods = async {
+                match pods {
+                    Some(p) => p.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = tick => Signal::Tick,
+                () = pods => Signal::Pods,
                 _ = self.term.recv() => { tracing::info!("SIGTERM: stopping"); Signal::Stop }
                 _ = self.int.recv() => { tracing::info!("SIGINT: stopping"); Signal::Stop }
                 _ = self.hup.recv() => { tracing::info!("SIGHUP: reloading the bypass rules and the QoS policy"); Signal::Reload }

@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod config;
 pub mod datapath;
 pub mod features;
+pub mod kubernetes;
 pub mod lock;
 pub mod paths;
 pub mod state;

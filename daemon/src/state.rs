@@ -3,7 +3,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::{qos::QosSummary, rules::RulesSummary, AttachmentReport};
+use crate::{
+    datapath::{qos::QosSummary, rules::RulesSummary, AttachmentReport},
+    kubernetes::SourceStatus,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AgentState {
@@ -17,6 +20,9 @@ pub struct AgentState {
     /// QoS policy in force (None: QoS disabled).
     #[serde(default)]
     pub qos: Option<QosSummary>,
+    /// The Kubernetes pod source (None: not enabled).
+    #[serde(default)]
+    pub kubernetes: Option<SourceStatus>,
 }
 
 impl AgentState {

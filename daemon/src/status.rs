@@ -34,6 +34,8 @@ pub struct Status {
     pub bypass_pods: Vec<PodBypass>,
     /// QoS policy in force and what the shaper did per pod and direction.
     pub qos: Option<QosStatus>,
+    /// The Kubernetes pod source, as the running agent last saw it.
+    pub kubernetes: Option<crate::kubernetes::SourceStatus>,
     /// What this kernel offers the agent, probed now.
     pub features: crate::features::Features,
 }
@@ -112,14 +114,21 @@ pub fn collect(pins: &PinDir, run: &RunDir) -> Result<Status, StatusError> {
             message,
         };
         let legacy_base = legacy::base_name(&file);
-        let (pin, program_id, link_id) = if let Some(base) = legacy_base {
-            let info =
-                legacy::Legacy::program_info(&pins.link(&file)).map_err(|e| err(e.to_string()))?;
-            (base.to_owned(), info.id(), None)
+        let read = if let Some(base) = legacy_base {
+            legacy::Legacy::program_info(&pins.link(&file))
+                .map(|info| (base.to_owned(), info.id(), None))
+                .map_err(|e| e.to_string())
         } else {
-            let link = PinnedLink::from_pin(pins.link(&file)).map_err(|e| err(e.to_string()))?;
-            let info = FdLink::from(link).info().map_err(|e| err(e.to_string()))?;
-            (file.clone(), info.program_id(), Some(info.id()))
+            PinnedLink::from_pin(pins.link(&file))
+                .map_err(|e| e.to_string())
+                .and_then(|link| FdLink::from(link).info().map_err(|e| e.to_string()))
+                .map(|info| (file.clone(), info.program_id(), Some(info.id())))
+        };
+        let (pin, program_id, link_id) = match read {
+            Ok(found) => found,
+            // The agent detached it (a pod went away) between the listing and the read.
+            Err(_) if !pins.link(&file).exists() => continue,
+            Err(e) => return Err(err(e)),
         };
         let known = state
             .as_ref()
@@ -159,6 +168,7 @@ pub fn collect(pins: &PinDir, run: &RunDir) -> Result<Status, StatusError> {
     };
     Ok(Status {
         qos,
+        kubernetes: state.as_ref().and_then(|s| s.kubernetes.clone()),
         rules: state.as_ref().and_then(|s| s.rules.clone()),
         bypass_pods,
         agent: AgentStatus {
@@ -337,6 +347,23 @@ impl Status {
                 );
             }
         }
+        if let Some(k) = &self.kubernetes {
+            let _ = writeln!(
+                s,
+                "kubernetes: node {}, {}, {} pods with QoS annotations{}",
+                k.node,
+                if k.synced {
+                    "listed"
+                } else {
+                    "waiting for the first list"
+                },
+                k.pods,
+                k.error
+                    .as_ref()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
         if let Some(q) = &self.qos {
             q.render_text(&mut s);
         }
@@ -363,8 +390,9 @@ impl QosStatus {
         for (p, c) in self.policy.pods.iter().zip(&self.pods) {
             let _ = writeln!(
                 s,
-                "  {:<16} {:<10} class {:<8} egress {:>14} ({} B, {} marked, {} dropped)  ingress {:>14} ({} B, {} marked, {} dropped)",
+                "  {:<16} {:<10} {:<10} class {:<8} egress {:>14} ({} B, {} marked, {} dropped)  ingress {:>14} ({} B, {} marked, {} dropped)",
                 p.name,
+                format!("{:?}", p.source).to_lowercase(),
                 p.interface,
                 p.class,
                 rate(p.egress_bps),
@@ -376,6 +404,9 @@ impl QosStatus {
                 c.ingress.marked,
                 c.ingress.dropped,
             );
+        }
+        for r in &self.policy.refused {
+            let _ = writeln!(s, "  refused {}: {}", r.name, r.reason);
         }
     }
 }

@@ -921,6 +921,116 @@ fn check_policer_mode(run: &FqRun) {
     }
 }
 
+const API_POD: &str =
+    "Pods from the Kubernetes API: the shaper (and fq) follow a pod's add and delete";
+
+/// The pod source's moving parts on this kernel: a pod that appears through the (fake) API
+/// server gets the tc programs (TCX or legacy cls_bpf), fq where the kernel has it, and its
+/// limit; deleting it takes all three away again, live.
+#[test]
+fn api_pods_get_the_shaper_when_they_appear_and_lose_it_when_deleted() {
+    if !privileged("kubernetes pod source") {
+        return;
+    }
+    let fq = features().available(Feature::SchFq);
+    let node = Node::new(2).unwrap();
+    let (a, b) = (node.pod(0), node.pod(1));
+    let listener = node
+        .in_netns(|| std::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap()
+        .unwrap();
+    let api = support::apiserver::ApiServer::serve(listener);
+    let config = write_config(
+        &node,
+        &format!(
+            "enabled = false\n[qos]\nenabled = true\ncapacity = \"10G\"\n\
+             [kubernetes]\nenabled = true\nnode_name = \"n1\"\napi_server = \"{}\"\n",
+            api.url()
+        ),
+    );
+    let agent = match try_start(&node, &config) {
+        Ok(agent) => agent,
+        Err(log) => {
+            conclude(QOS, API_POD, "kubernetes pod source", Err(refusal(&log)));
+            return;
+        }
+    };
+    let ifname = a.host_ifname();
+    let before = (root_qdisc(&node, ifname), tc_pins(&node, ifname));
+    let (v4, v6) = (a.ipv4().to_string(), a.ipv6().to_string());
+    api.put_pod(support::apiserver::pod(
+        "shop",
+        "web",
+        "n1",
+        &[&v4, &v6],
+        &[("kubernetes.io/ingress-bandwidth", "8M")],
+    ));
+    let shaped = wait_for(|| !status_pods(&node).is_empty());
+    let added = (root_qdisc(&node, ifname), tc_pins(&node, ifname));
+    let udp = iperf3_rate(a, b, 7101, &["-u", "-b", "16M", "-l", "1000"]);
+    api.delete_pod("shop", "web");
+    let unshaped = wait_for(|| status_pods(&node).is_empty());
+    let deleted = (root_qdisc(&node, ifname), tc_pins(&node, ifname));
+    agent.stop();
+    node.teardown().unwrap();
+    let ours = |q: &str| q.contains("716c:");
+    let problems: Vec<String> = [
+        (!shaped).then(|| "the pod was not shaped within 60 s".to_owned()),
+        (before.1 != 0 || ours(&before.0)).then(|| format!("shaper before the pod: {before:?}")),
+        (added.1 != 2).then(|| format!("{} tc attachments once the pod appeared", added.1)),
+        (fq != ours(&added.0)).then(|| format!("fq expected {fq}, root qdisc: {}", added.0)),
+        (!(0.6..=1.15).contains(&(udp.0 / 8e6)))
+            .then(|| format!("UDP at 16M into an 8M limit: {:.2} Mbit/s", udp.0 / 1e6)),
+        (!unshaped).then(|| "the pod was still shaped 60 s after its deletion".to_owned()),
+        (deleted.1 != 0 || ours(&deleted.0))
+            .then(|| format!("shaper left after the pod was deleted: {deleted:?}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let result = if problems.is_empty() {
+        Ok(format!(
+            "added: {} tc attachments{}, UDP at 16M into an 8M limit: {:.2} Mbit/s; deleted: none left",
+            added.1,
+            if fq { " + fq" } else { "" },
+            udp.0 / 1e6
+        ))
+    } else {
+        Err(problems.join("; "))
+    };
+    conclude(QOS, API_POD, "kubernetes pod source", result);
+}
+
+/// Pinned tc attachments on `ifname`.
+fn tc_pins(node: &Node, ifname: &str) -> usize {
+    support::links(&status(node))
+        .iter()
+        .filter(|(pin, _, _)| {
+            pin.starts_with(&format!("tc-egress-{ifname}-"))
+                || pin.starts_with(&format!("tc-ingress-{ifname}-"))
+        })
+        .count()
+}
+
+fn status_pods(node: &Node) -> Vec<Value> {
+    status(node)["qos"]["policy"]["pods"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Polls `cond` for up to 60 s (emulated guests are slow); whether it came true.
+fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
 #[test]
 fn netkit_pod_interface_with_the_agent_attached() {
     if !privileged("netkit pod interface") {

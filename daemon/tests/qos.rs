@@ -3,11 +3,15 @@
 //! changes. The bypass stays on throughout, so a shaped pod cannot escape its limit through it.
 mod support;
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
 use serde_json::Value;
 use simnode::{Node, Pod, Proc};
-use support::{counter, status, write_config, Agent};
+use support::{
+    counter,
+    iperf::{assert_within, iperf, iperf_server, iperf_spawn, measured, Measured, MBIT},
+    status, write_config, Agent,
+};
 
 fn privileged(test: &str) -> bool {
     simnode::privileged_or_skip(test)
@@ -22,8 +26,6 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
-
-const MBIT: f64 = 1e6;
 
 /// `[[qos.pods]]` for `pod` with its annotations.
 fn pod_entry(pod: &Pod, annotations: &[(&str, &str)]) -> String {
@@ -47,92 +49,6 @@ fn qos_config(node: &Node, node_keys: &str, pods: &str) -> std::path::PathBuf {
         node,
         &format!("[qos]\nenabled = true\nmode = \"policer\"\n{node_keys}\n{pods}"),
     )
-}
-
-/// An iperf3 server in `pod`, killed when the guard drops.
-fn iperf_server(pod: &Pod, port: u16) -> Proc {
-    let mut cmd = pod.command("iperf3");
-    // -J: the client's --get-server-output then carries the server's JSON, whose
-    // intervals are what actually arrived.
-    cmd.args(["-s", "-J", "-i", "0.5", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let proc = pod.spawn(&mut cmd).expect("spawn iperf3 server");
-    support::wait_tcp_listening(pod, port, Duration::from_secs(5));
-    proc
-}
-
-/// What one iperf3 client run measured at the receiver.
-#[derive(Debug)]
-struct Measured {
-    bits_per_sec: f64,
-    retransmits: u64,
-    bytes: u64,
-    /// Per-second receiver rates, for preemption and stability checks.
-    intervals: Vec<f64>,
-}
-
-/// Runs an iperf3 client in `from` against `to`'s server; `extra` adds e.g. `-C bbr` or
-/// `-u -b 400M`.
-fn iperf(from: &Pod, to: &Pod, port: u16, secs: u32, extra: &[&str]) -> Measured {
-    measured(
-        &iperf_spawn(from, to, port, secs, extra)
-            .wait_with_output()
-            .unwrap(),
-    )
-}
-
-fn iperf_spawn(from: &Pod, to: &Pod, port: u16, secs: u32, extra: &[&str]) -> std::process::Child {
-    from.command("iperf3")
-        .args(["-c", &to.ipv4().to_string(), "-p", &port.to_string()])
-        .args(["-t", &secs.to_string(), "-J", "--get-server-output"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("run iperf3")
-}
-
-fn measured(out: &std::process::Output) -> Measured {
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "iperf3 output is not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
-    assert!(json.get("error").is_none(), "iperf3: {}", json["error"]);
-    let end = &json["end"];
-    // The server's own view: what arrived, interval by interval.
-    let server = &json["server_output_json"];
-    let intervals: Vec<f64> = server["intervals"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                // The last interval can be a sliver whose rate means nothing.
-                .filter(|i| i["sum"]["seconds"].as_f64().unwrap_or(0.0) > 0.4)
-                .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
-                .collect()
-        })
-        .unwrap_or_default();
-    let received = &end["sum_received"];
-    Measured {
-        bits_per_sec: received["bits_per_second"].as_f64().unwrap(),
-        retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
-        bytes: received["bytes"].as_u64().unwrap(),
-        intervals,
-    }
-}
-
-fn assert_within(what: &str, measured: f64, target: f64, tolerance: f64) {
-    let ratio = measured / target;
-    assert!(
-        (1.0 - tolerance..=1.0 + tolerance).contains(&ratio),
-        "{what}: {:.1} Mbit/s is {:.3}x the target {:.1} Mbit/s (allowed +-{:.0} %)",
-        measured / MBIT,
-        ratio,
-        target / MBIT,
-        tolerance * 100.0
-    );
 }
 
 #[test]

@@ -90,6 +90,15 @@ impl fmt::Display for AnnotationError {
 /// - `quicklane.io/egress-guarantee`, `quicklane.io/ingress-guarantee`: guarantees, as
 ///   quantities; each must not exceed its limit.
 ///
+/// Whether `key` is one the QoS policy reads (or refuses): a pod carrying any of them takes
+/// part in QoS.
+pub fn is_qos_key(key: &str) -> bool {
+    key == EGRESS_BANDWIDTH
+        || key == INGRESS_BANDWIDTH
+        || key == VOLCANO_QOS_LEVEL
+        || key.starts_with(QUICKLANE_PREFIX)
+}
+
 /// Any other `quicklane.io/` key is refused; all other keys are ignored.
 pub fn pod_policy_from_annotations(
     annotations: &BTreeMap<String, String>,

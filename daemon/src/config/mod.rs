@@ -53,6 +53,20 @@ pub struct Config {
     pub tc: TcConfig,
     pub xdp: XdpConfig,
     pub qos: QosConfig,
+    pub kubernetes: KubernetesConfig,
+}
+
+/// `[kubernetes]`: where shaped pods come from on a Kubernetes node.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// Watch this node's pods and shape those with QoS annotations (needs `qos.enabled`).
+    pub enabled: bool,
+    /// The node whose pods to watch; default: the `NODE_NAME` environment variable, which
+    /// the DaemonSet sets from `spec.nodeName`.
+    pub node_name: Option<String>,
+    /// API server URL; default: the pod's service account (in cluster), else kubeconfig.
+    pub api_server: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -96,6 +110,18 @@ pub struct BypassConfig {
     /// A direction that sends this many small messages in a row, unanswered, moves to the
     /// normal TCP path, which batches them (see README, "No small-message penalty").
     pub small_msg_streak: u32,
+}
+
+impl BypassConfig {
+    /// Takes the eligibility rules (the part SIGHUP changes live) from `other`.
+    pub fn rules_from(&mut self, other: &Self) {
+        self.include_cgroups.clone_from(&other.include_cgroups);
+        self.exclude_cgroups.clone_from(&other.exclude_cgroups);
+        self.include_cidrs.clone_from(&other.include_cidrs);
+        self.exclude_cidrs.clone_from(&other.exclude_cidrs);
+        self.include_ports.clone_from(&other.include_ports);
+        self.exclude_ports.clone_from(&other.exclude_ports);
+    }
 }
 
 /// An IPv4 or IPv6 prefix, `addr/len`, with no host bits set.
@@ -238,13 +264,7 @@ impl Config {
     #[must_use]
     pub fn without_live_rules(&self) -> Self {
         let mut c = self.clone();
-        let b = &mut c.bypass;
-        b.include_cgroups.clear();
-        b.exclude_cgroups.clear();
-        b.include_cidrs.clear();
-        b.exclude_cidrs.clear();
-        b.include_ports.clear();
-        b.exclude_ports.clear();
+        c.bypass.rules_from(&BypassConfig::default());
         c.qos.clear_live();
         c
     }
@@ -351,6 +371,9 @@ impl Config {
                 }
             }
         }
+        if self.kubernetes.enabled {
+            self.validate_kubernetes(path)?;
+        }
         if self.qos.enabled {
             self.qos.policy().map_err(|e| ConfigError::Value {
                 path: path.to_owned(),
@@ -361,6 +384,57 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    fn validate_kubernetes(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, value: String, allowed: &str| ConfigError::Value {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            value,
+            allowed: allowed.to_owned(),
+        };
+        let k = &self.kubernetes;
+        if !self.qos.enabled {
+            return Err(bad(
+                "kubernetes.enabled",
+                "true".into(),
+                "only together with qos.enabled = true: the pods' QoS annotations are what is read",
+            ));
+        }
+        if let Some(url) = &k.api_server {
+            let ok = url.parse::<http::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
+            if !ok {
+                return Err(bad(
+                    "kubernetes.api_server",
+                    format!("{url:?}"),
+                    "an http(s) URL like \"https://10.96.0.1:443\"",
+                ));
+            }
+        }
+        if let Some(node) = &k.node_name {
+            if !valid_node_name(node) {
+                return Err(bad(
+                    "kubernetes.node_name",
+                    format!("{node:?}"),
+                    "a Kubernetes node name: 1 to 253 lowercase letters, digits, '-' and '.'",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A DNS subdomain name, as Kubernetes requires of node names.
+pub fn valid_node_name(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.'])
+        && !name.ends_with(['-', '.'])
 }
 
 fn quoted(p: &Path) -> String {

@@ -52,15 +52,9 @@ impl QosPodConfig {
     /// shaped to its allocation and its TCP is paced (so it leaves the bypass); a pod without
     /// any is left alone, bypass included.
     pub fn managed(&self) -> bool {
-        use quicklane_qos::annotations::{
-            EGRESS_BANDWIDTH, INGRESS_BANDWIDTH, QUICKLANE_PREFIX, VOLCANO_QOS_LEVEL,
-        };
-        self.annotations.keys().any(|k| {
-            k == EGRESS_BANDWIDTH
-                || k == INGRESS_BANDWIDTH
-                || k == VOLCANO_QOS_LEVEL
-                || k.starts_with(QUICKLANE_PREFIX)
-        })
+        self.annotations
+            .keys()
+            .any(|k| quicklane_qos::annotations::is_qos_key(k))
     }
 }
 
@@ -245,15 +239,13 @@ impl QosConfig {
         Ok(pods)
     }
 
-    /// What SIGHUP applies live: the node's split and every pod's annotations.
+    /// What SIGHUP applies live: the node's split and the pods (added, removed, changed).
     pub fn clear_live(&mut self) {
         self.capacity = None;
         self.online_watermark_percent = 0;
         self.offline_low_percent = 0;
         self.offline_high_percent = 0;
-        for pod in &mut self.pods {
-            pod.annotations.clear();
-        }
+        self.pods.clear();
     }
 }
 

@@ -9,7 +9,7 @@ pub mod qos;
 pub mod rules;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
@@ -97,6 +97,9 @@ pub struct Datapath {
     report: Vec<AttachmentReport>,
     rules: Option<rules::RulesSummary>,
     qos: Option<qos::QosState>,
+    /// What the datapath was started with: pods arriving later need its objects.
+    config: Config,
+    loaded: Loaded,
 }
 
 /// What keeps one attachment in place: a pinned bpf_link, or (kernels without that link kind)
@@ -134,31 +137,38 @@ impl Held {
 }
 
 impl Datapath {
-    /// Attaches everything `config` enables, re-adopting matching pinned links and detaching
-    /// pinned links the config no longer wants.
-    pub fn start(config: &Config) -> Result<Self, DatapathError> {
+    /// Attaches everything `config` enables and shapes the `source` pods (from the pod
+    /// source, on top of the config file's), re-adopting matching pinned links and
+    /// detaching pinned links nothing wants any more.
+    pub fn start(
+        config: &Config,
+        source: (Vec<qos::SourcePod>, Vec<qos::RefusedPod>),
+    ) -> Result<Self, DatapathError> {
         let pins = PinDir::new(&config.agent.pin_dir);
-        let wanted = plan::plan(config, || {
+        let source_interfaces: Vec<String> =
+            source.0.iter().map(|(p, _)| p.interface.clone()).collect();
+        let wanted = plan::plan(config, &source_interfaces, || {
             crate::cgroup::cgroup2_mount().ok_or(DatapathError::NoCgroup2)
         })?;
         for dir in [pins.maps(), pins.links()] {
             std::fs::create_dir_all(&dir).map_err(|e| pin_err(&dir, e))?;
         }
+        let enforcement = if config.qos.enabled {
+            Some(qos::enforcement(config.qos.mode)?)
+        } else {
+            None
+        };
         let mut this = Self {
             pins,
             links: BTreeMap::new(),
             report: Vec::new(),
             rules: None,
             qos: None,
-        };
-        let enforcement = if config.qos.enabled {
-            Some(qos::enforcement(config.qos.mode)?)
-        } else {
-            None
+            config: config.clone(),
+            loaded: Loaded::new(qos::bpf_config(&config.qos, enforcement)),
         };
         this.detach_unwanted(&wanted)?;
-        let mut loaded = Loaded::new(qos::bpf_config(&config.qos, enforcement));
-        if let Err(e) = this.apply_rules(config, &mut loaded) {
+        if let Err(e) = this.apply_rules() {
             this.undo_partial_start();
             return Err(e);
         }
@@ -166,12 +176,8 @@ impl Datapath {
         // policy (a socket judged for the bypass without it would never be judged again).
         if let Some(enforcement) = enforcement {
             let started = this
-                .ensure_maps(
-                    &[qos::PODS_MAP, qos::IFINDEX_MAP, qos::ADDRS_MAP],
-                    config,
-                    &mut loaded,
-                )
-                .and_then(|()| qos::QosState::start(&this.pins, config, enforcement));
+                .ensure_maps(&[qos::PODS_MAP, qos::IFINDEX_MAP, qos::ADDRS_MAP])
+                .and_then(|()| qos::QosState::start(&this.pins, config, enforcement, source));
             match started {
                 Ok(state) => this.qos = Some(state),
                 Err(e) => {
@@ -180,7 +186,7 @@ impl Datapath {
                 }
             }
         }
-        if let Err(e) = this.attach_all(&wanted, config, &mut loaded) {
+        if let Err(e) = this.attach_all(&wanted) {
             if let Some(q) = this.qos.take() {
                 if let Err(e) = q.shutdown() {
                     tracing::warn!("undoing a failed start: {e}");
@@ -193,12 +199,7 @@ impl Datapath {
     }
 
     /// Loads (and so pins) the objects holding `maps` if a previous agent did not leave them.
-    fn ensure_maps(
-        &self,
-        maps: &[&str],
-        config: &Config,
-        loaded: &mut Loaded,
-    ) -> Result<(), DatapathError> {
+    fn ensure_maps(&mut self, maps: &[&str]) -> Result<(), DatapathError> {
         for &name in maps {
             if !self.pins.map(name).exists() {
                 let object = if name == qos::ADDRS_MAP {
@@ -206,18 +207,69 @@ impl Datapath {
                 } else {
                     Object::Tc
                 };
-                loaded.get(object, config, &self.pins)?;
+                self.loaded.get(object, &self.config, &self.pins)?;
             }
         }
         Ok(())
     }
 
-    /// SIGHUP: re-run the allocator on the new policy and rewrite the rate tables.
+    /// SIGHUP: re-run the allocator on the new policy and rewrite the rate tables; pods
+    /// added to or removed from the file get (or lose) the tc shaper.
     pub fn reload_qos(&mut self, config: &Config) -> Result<(), DatapathError> {
         match &mut self.qos {
-            Some(state) => state.reload(&self.pins, config),
-            None => Ok(()),
+            Some(state) => state.reload(&self.pins, config)?,
+            None => return Ok(()),
         }
+        self.sync_pod_interfaces()
+    }
+
+    /// The pod source's current view (see `qos::QosState::set_source_pods`). Bypassed
+    /// connections of a pod that just became shaped leave the bypass through the rules
+    /// generation, bumped once the pod's policy is in place.
+    pub fn set_source_pods(
+        &mut self,
+        pods: Vec<qos::SourcePod>,
+        refused: Vec<qos::RefusedPod>,
+    ) -> Result<(), DatapathError> {
+        match &mut self.qos {
+            Some(state) => state.set_source_pods(&self.pins, pods, refused)?,
+            None => return Ok(()),
+        }
+        self.sync_pod_interfaces()?;
+        if self.config.bypass.enabled {
+            let config = self.config.clone();
+            self.reload_rules(&config)?;
+        }
+        Ok(())
+    }
+
+    /// Puts the tc programs on every interface a pod is shaped on (or `[tc]` names), and
+    /// takes them off interfaces whose pod is gone.
+    fn sync_pod_interfaces(&mut self) -> Result<(), DatapathError> {
+        let Some(qos) = &self.qos else {
+            return Ok(());
+        };
+        let mut ifnames: BTreeSet<String> = self.config.tc_interfaces().into_iter().collect();
+        ifnames.extend(qos.interfaces());
+        let mut wanted = Vec::new();
+        for ifname in &ifnames {
+            wanted.extend(plan::tc_attachments(ifname, "qos.pods.interface")?);
+        }
+        let stale: Vec<String> = self
+            .links
+            .keys()
+            .filter(|pin| plan::is_tc_pin(pin) && !wanted.iter().any(|a| &a.pin_name == *pin))
+            .cloned()
+            .collect();
+        for pin in stale {
+            if let Some(held) = self.links.remove(&pin) {
+                held.release(&self.pins, &pin)?;
+            }
+            self.report.retain(|r| r.pin != pin);
+            tracing::info!(pin = %pin, "detached: no pod is shaped there any more");
+        }
+        wanted.retain(|a| !self.links.contains_key(&a.pin_name));
+        self.attach_all(&wanted)
     }
 
     /// Periodic QoS upkeep (see `qos::QosState::tick`); true if the policy was rewritten.
@@ -236,7 +288,8 @@ impl Datapath {
         self.qos.as_ref().map(qos::QosState::summary)
     }
 
-    fn apply_rules(&mut self, config: &Config, loaded: &mut Loaded) -> Result<(), DatapathError> {
+    fn apply_rules(&mut self) -> Result<(), DatapathError> {
+        let config = &self.config;
         if !config.bypass.enabled {
             return Ok(());
         }
@@ -254,9 +307,10 @@ impl Datapath {
         }
         if !self.pins.map(RULES_STATE_MAP).exists() {
             // Loading the object creates (and pins) its maps.
-            loaded.get(Object::Sockops, config, &self.pins)?;
+            self.loaded.get(Object::Sockops, config, &self.pins)?;
         }
-        self.reload_rules(config)
+        let config = self.config.clone();
+        self.reload_rules(&config)
     }
 
     /// Rewrites the eligibility rules from `config` (SIGHUP); live connections follow on
@@ -271,6 +325,9 @@ impl Datapath {
             "bypass rules applied"
         );
         self.rules = Some(summary);
+        // The rules are the live part of `[bypass]`: kept so a later generation bump (a pod
+        // becoming shaped) re-applies these, not the ones the agent started with.
+        self.config.bypass.rules_from(&config.bypass);
         Ok(())
     }
 
@@ -278,12 +335,7 @@ impl Datapath {
         self.rules.as_ref()
     }
 
-    fn attach_all(
-        &mut self,
-        wanted: &[Attachment],
-        config: &Config,
-        loaded: &mut Loaded,
-    ) -> Result<(), DatapathError> {
+    fn attach_all(&mut self, wanted: &[Attachment]) -> Result<(), DatapathError> {
         let this = self;
         for att in wanted {
             let found = Held::adopt(&this.pins, &att.pin_name)?;
@@ -291,7 +343,7 @@ impl Datapath {
             let link = if let Some(held) = found {
                 held
             } else {
-                let obj = loaded.get(att.object, config, &this.pins)?;
+                let obj = this.loaded.get(att.object, &this.config, &this.pins)?;
                 attach::attach(obj, att, &this.pins)?
             };
             tracing::info!(pin = %att.pin_name, program = att.program, target = %att.target.describe(), adopted, "attached");
@@ -408,6 +460,7 @@ pub(crate) fn pin_err(path: &Path, e: impl std::fmt::Display) -> DatapathError {
 }
 
 /// Objects loaded on demand: a restart that adopts every link loads nothing.
+#[derive(Debug)]
 struct Loaded {
     objects: BTreeMap<Object, Ebpf>,
     tc: quicklane_common::qos::QosConfig,

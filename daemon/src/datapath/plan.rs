@@ -48,8 +48,11 @@ impl Target {
     }
 }
 
+/// Everything `config` asks for, plus the tc programs on `pod_interfaces` (pods from the
+/// pod source).
 pub fn plan(
     config: &Config,
+    pod_interfaces: &[String],
     default_cgroup: impl FnOnce() -> Result<PathBuf, DatapathError>,
 ) -> Result<Vec<Attachment>, DatapathError> {
     let mut out = Vec::new();
@@ -80,33 +83,21 @@ pub fn plan(
             target: Target::Sockhash,
         });
     }
-    {
-        for ifname in &config.tc_interfaces() {
-            let key = if config.tc.interfaces.contains(ifname) {
-                "tc.interfaces"
-            } else {
-                "qos.pods.interface"
-            };
-            let ifindex = ifindex(ifname, key)?;
-            out.push(Attachment {
-                pin_name: format!("tc-egress-{ifname}-{ifindex}"),
-                object: Object::Tc,
-                program: "ql_tc_egress",
-                target: Target::TcEgress {
-                    ifname: ifname.clone(),
-                    ifindex,
-                },
-            });
-            out.push(Attachment {
-                pin_name: format!("tc-ingress-{ifname}-{ifindex}"),
-                object: Object::Tc,
-                program: "ql_tc_ingress",
-                target: Target::TcIngress {
-                    ifname: ifname.clone(),
-                    ifindex,
-                },
-            });
+    let mut ifnames = config.tc_interfaces();
+    if config.qos.enabled {
+        for ifname in pod_interfaces {
+            if !ifnames.contains(ifname) {
+                ifnames.push(ifname.clone());
+            }
         }
+    }
+    for ifname in &ifnames {
+        let key = if config.tc.interfaces.contains(ifname) {
+            "tc.interfaces"
+        } else {
+            "qos.pods.interface"
+        };
+        out.extend(tc_attachments(ifname, key)?);
     }
     if config.xdp.enabled {
         for ifname in &config.xdp.interfaces {
@@ -124,6 +115,35 @@ pub fn plan(
         }
     }
     Ok(out)
+}
+
+/// The tc programs on both directions of `ifname`.
+pub fn tc_attachments(ifname: &str, key: &'static str) -> Result<[Attachment; 2], DatapathError> {
+    let ifindex = ifindex(ifname, key)?;
+    let ifname = ifname.to_owned();
+    Ok([
+        Attachment {
+            pin_name: format!("{TC_PIN_PREFIX}egress-{ifname}-{ifindex}"),
+            object: Object::Tc,
+            program: "ql_tc_egress",
+            target: Target::TcEgress {
+                ifname: ifname.clone(),
+                ifindex,
+            },
+        },
+        Attachment {
+            pin_name: format!("{TC_PIN_PREFIX}ingress-{ifname}-{ifindex}"),
+            object: Object::Tc,
+            program: "ql_tc_ingress",
+            target: Target::TcIngress { ifname, ifindex },
+        },
+    ])
+}
+
+const TC_PIN_PREFIX: &str = "tc-";
+
+pub fn is_tc_pin(pin: &str) -> bool {
+    pin.starts_with(TC_PIN_PREFIX)
 }
 
 fn ifindex(ifname: &str, key: &'static str) -> Result<u32, DatapathError> {

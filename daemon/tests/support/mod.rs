@@ -2,6 +2,8 @@
 //! running in its "host" namespace, and the load generator in its pods.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod apiserver;
+pub mod iperf;
 use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},

@@ -6,25 +6,23 @@
 //! less than a trickle (the same 1 % of capacity that makes a class compete; neighbour
 //! discovery and the like stay below it) for `IDLE_AFTER`, and as active again as soon as it
 //! sends more, so a pod with steady traffic never flips back and forth.
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use quicklane_qos::Direction;
 
 pub const IDLE_AFTER: Duration = Duration::from_secs(2);
 
-/// Per pod (policy order): active in egress, active in ingress.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Activity(Vec<[bool; 2]>);
+/// Per pod slot: active in egress, active in ingress. A slot not observed yet counts as
+/// active: the assumption that never starves a pod of its share.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Activity(BTreeMap<u32, [bool; 2]>);
 
 impl Activity {
-    /// Every pod active: the assumption before anything was observed, which never starves
-    /// a pod of its share.
-    pub fn all(pods: usize) -> Self {
-        Self(vec![[true; 2]; pods])
-    }
-
-    pub fn is_active(&self, pod: usize, dir: Direction) -> bool {
-        self.0.get(pod).is_none_or(|a| a[index(dir)])
+    pub fn is_active(&self, slot: u32, dir: Direction) -> bool {
+        self.0.get(&slot).is_none_or(|a| a[index(dir)])
     }
 }
 
@@ -35,43 +33,57 @@ fn index(dir: Direction) -> usize {
     }
 }
 
-/// Remembers each pod's byte counters and when it last sent more than a trickle.
+/// Remembers each slot's byte counters and when it last sent more than a trickle.
 #[derive(Debug)]
 pub struct Tracker {
-    /// Per pod and direction: (counter at the last look, last time it sent enough).
-    last: Vec<[(u64, Instant); 2]>,
+    /// Per slot and direction: (counter at the last look, last time it sent enough).
+    last: BTreeMap<u32, [(u64, Instant); 2]>,
     looked: Instant,
 }
 
 impl Tracker {
-    pub fn new(pods: usize, now: Instant) -> Self {
+    pub fn new(now: Instant) -> Self {
         Self {
-            last: vec![[(0, now); 2]; pods],
+            last: BTreeMap::new(),
             looked: now,
         }
     }
 
-    /// `bytes[pod] = [egress, ingress]` counters as read now; a pod sends "enough" when its
-    /// counter grew by `trickle` bytes per second since the last look.
-    pub fn observe(&mut self, bytes: &[[u64; 2]], now: Instant, trickle: u64) -> Activity {
+    /// `bytes[slot] = [egress, ingress]` counters as read now; a pod sends "enough" when
+    /// its counter grew by `trickle` bytes per second since the last look. A slot seen for
+    /// the first time (a new pod) counts as sending.
+    pub fn observe(
+        &mut self,
+        bytes: &BTreeMap<u32, [u64; 2]>,
+        now: Instant,
+        trickle: u64,
+    ) -> Activity {
         let elapsed = now.duration_since(self.looked).as_secs_f64();
-        self.looked = now;
+        // A new slot counts as having sent at the last look: active for IDLE_AFTER from it.
+        let new_since = std::mem::replace(&mut self.looked, now);
         let enough = (trickle as f64 * elapsed) as u64;
+        self.last.retain(|slot, _| bytes.contains_key(slot));
         Activity(
-            self.last
-                .iter_mut()
-                .zip(bytes)
-                .map(|(last, seen)| {
-                    std::array::from_fn(|d| {
+            bytes
+                .iter()
+                .map(|(&slot, seen)| {
+                    let last = self.last.entry(slot).or_insert([(0, new_since); 2]);
+                    let active = std::array::from_fn(|d| {
                         if seen[d].saturating_sub(last[d].0) > enough {
                             last[d].1 = now;
                         }
                         last[d].0 = seen[d];
                         now.duration_since(last[d].1) < IDLE_AFTER
-                    })
+                    });
+                    (slot, active)
                 })
                 .collect(),
         )
+    }
+
+    /// Forgets a slot handed to another pod (its counters start from zero again).
+    pub fn forget(&mut self, slot: u32) {
+        self.last.remove(&slot);
     }
 }
 
@@ -82,28 +94,48 @@ mod tests {
     #[test]
     fn a_pod_goes_idle_only_after_its_counters_stood_still() {
         let t0 = Instant::now();
-        let mut tracker = Tracker::new(2, t0);
+        let mut tracker = Tracker::new(t0);
         let s = |secs: u64| t0 + Duration::from_secs(secs);
+        let seen = |a: [u64; 2], b: [u64; 2]| BTreeMap::from([(0, a), (1, b)]);
         // 100 bytes per second is a trickle.
-        let a = tracker.observe(&[[1000, 0], [50, 0]], s(1), 100);
+        let a = tracker.observe(&seen([1000, 0], [50, 0]), s(1), 100);
         assert!(a.is_active(0, Direction::Egress));
         // Pod 1 only trickled since t0, but less than IDLE_AFTER has passed.
         assert!(a.is_active(1, Direction::Egress));
-        let a = tracker.observe(&[[2000, 0], [90, 0]], s(2), 100);
+        let a = tracker.observe(&seen([2000, 0], [90, 0]), s(2), 100);
         assert!(a.is_active(0, Direction::Egress));
         assert!(!a.is_active(1, Direction::Egress));
         assert!(!a.is_active(0, Direction::Ingress));
         // Pod 0 stops: still active for IDLE_AFTER, then idle; pod 1 starts: active at once.
-        let a = tracker.observe(&[[2000, 0], [5000, 0]], s(3), 100);
+        let a = tracker.observe(&seen([2000, 0], [5000, 0]), s(3), 100);
         assert!(a.is_active(0, Direction::Egress));
         assert!(a.is_active(1, Direction::Egress));
-        let a = tracker.observe(&[[2050, 0], [9000, 0]], s(4), 100);
+        let a = tracker.observe(&seen([2050, 0], [9000, 0]), s(4), 100);
         assert!(!a.is_active(0, Direction::Egress));
         assert!(a.is_active(1, Direction::Egress));
     }
 
     #[test]
     fn unknown_pods_count_as_active() {
-        assert!(Activity::all(0).is_active(3, Direction::Ingress));
+        assert!(Activity::default().is_active(3, Direction::Ingress));
+    }
+
+    #[test]
+    fn a_forgotten_slot_starts_over_as_a_new_pod() {
+        let t0 = Instant::now();
+        let mut tracker = Tracker::new(t0);
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        let idle = BTreeMap::from([(7, [5000, 0])]);
+        tracker.observe(&idle, s(1), 100);
+        tracker.observe(&idle, s(2), 100);
+        assert!(!tracker
+            .observe(&idle, s(4), 100)
+            .is_active(7, Direction::Egress));
+        // The slot goes to a new pod whose counters restart from zero.
+        tracker.forget(7);
+        let fresh = BTreeMap::from([(7, [0, 0])]);
+        assert!(tracker
+            .observe(&fresh, s(5), 100)
+            .is_active(7, Direction::Egress));
     }
 }

@@ -10,30 +10,31 @@ use aya::maps::{Array, Map, MapData, PerCpuArray};
 use quicklane_common::{
     qos::{
         aggregate, AddrKey, ClassActivity, QosPod, QosStats, ACTIVE_THRESHOLD_PER_MILLE,
-        CLASS_OFFLINE, DIR_EGRESS, DIR_INGRESS, MASKS, MAX_PODS, POD_F_EGRESS, POD_F_INGRESS,
+        CLASS_OFFLINE, DIR_EGRESS, DIR_INGRESS, MASKS, POD_F_EGRESS, POD_F_INGRESS,
     },
     sock::{AF_INET, AF_INET6},
 };
-use quicklane_qos::{rate_table, Direction, PodDemand, PodPolicy};
+use quicklane_qos::{rate_table, Direction, NodePolicy, PodDemand, PodPolicy};
 use serde::{Deserialize, Serialize};
 
 mod activity;
 mod state;
 
 pub use activity::Activity;
-pub use state::{bpf_config, enforcement, QosState};
+pub use state::{bpf_config, enforcement, QosState, SourcePod};
 
 use super::{
     rules::{map_err, sync_hash, typed},
     DatapathError,
 };
-use crate::{config::QosPolicy, paths::PinDir};
+use crate::{config::QosPodConfig, paths::PinDir};
 
 pub const PODS_MAP: &str = "QL_QOS_PODS";
 pub const IFINDEX_MAP: &str = "QL_QOS_IFINDEX";
 pub const ADDRS_MAP: &str = "QL_QOS_ADDRS";
 pub const ACTIVE_MAP: &str = "QL_QOS_ACTIVE";
 pub const STATS_MAP: &str = "QL_QOS_STATS";
+pub const EDT_MAP: &str = "QL_QOS_EDT";
 
 /// How packets are held to their departure times.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -61,12 +62,23 @@ pub struct QosSummary {
     pub generation: u64,
     pub capacity_bps: u64,
     pub pods: Vec<QosPodSummary>,
+    /// Pods that asked for QoS and were not given it (or not the change they asked for).
+    #[serde(default)]
+    pub refused: Vec<RefusedPod>,
+}
+
+/// A pod whose QoS request was refused, and why.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusedPod {
+    pub name: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct QosPodSummary {
     pub name: String,
     pub slot: u32,
+    pub source: PodSource,
     pub interface: String,
     /// "0", "1", "2" (online priorities, high to low) or "offline"; "unshaped" without policy.
     pub class: String,
@@ -75,27 +87,49 @@ pub struct QosPodSummary {
     pub ingress_bps: Option<u64>,
 }
 
-/// Runs the allocator for `policy` with the pods `activity` says are sending, and writes
-/// the result.
+/// Where a shaped pod was declared.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PodSource {
+    /// `[[qos.pods]]` in the agent's config file.
+    Config,
+    /// A pod on this node, watched through the Kubernetes API.
+    Kubernetes,
+}
+
+/// A pod as the datapath knows it: its slot in the maps, where it lives, its policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlottedPod {
+    pub slot: u32,
+    pub source: PodSource,
+    pub config: QosPodConfig,
+    pub policy: PodPolicy,
+}
+
+/// Runs the allocator for `pods` with the ones `activity` says are sending, writes the
+/// result, and clears the rows of `freed` slots once nothing can look them up.
+#[allow(clippy::too_many_arguments, reason = "one write of the whole policy")]
 pub fn apply(
     pins: &PinDir,
-    policy: &QosPolicy,
+    node: &NodePolicy,
+    pods: &[SlottedPod],
+    freed: &[u32],
     enforcement: Enforcement,
     generation: u64,
     window_ms: u32,
     activity: &Activity,
 ) -> Result<QosSummary, DatapathError> {
-    let shaped: Vec<usize> = (0..policy.pods.len())
-        .filter(|&i| policy.pods[i].0.managed())
-        .collect();
-    let egress = table(policy, &shaped, activity, Direction::Egress);
-    let ingress = table(policy, &shaped, activity, Direction::Ingress);
+    let shaped: Vec<&SlottedPod> = pods.iter().filter(|p| p.config.managed()).collect();
+    let egress = table(node, &shaped, activity, Direction::Egress);
+    let ingress = table(node, &shaped, activity, Direction::Ingress);
 
-    let mut rows = vec![QosPod::EMPTY; policy.pods.len()];
-    for (row, &i) in shaped.iter().enumerate() {
-        let pod = &policy.pods[i].1;
+    let mut rows = BTreeMap::new();
+    for pod in pods {
+        rows.insert(pod.slot, QosPod::EMPTY);
+    }
+    for (row, pod) in shaped.iter().enumerate() {
         let mut entry = QosPod {
-            class: class_of(pod),
+            class: class_of(&pod.policy),
             flags: POD_F_EGRESS | POD_F_INGRESS,
             ..QosPod::EMPTY
         };
@@ -103,57 +137,52 @@ pub fn apply(
             entry.egress[mask] = egress[row][mask].bytes_per_sec();
             entry.ingress[mask] = ingress[row][mask].bytes_per_sec();
         }
-        rows[i] = entry;
+        rows.insert(pod.slot, entry);
     }
 
     let mut pods_map: Array<MapData, QosPod> = typed(pins, PODS_MAP, Map::Array)?;
-    let previous_len = pods_map.len();
-    for (slot, row) in rows.iter().enumerate() {
+    for (&slot, row) in &rows {
         pods_map
-            .set(slot as u32, *row, 0)
+            .set(slot, *row, 0)
             .map_err(|e| map_err(PODS_MAP, &e))?;
     }
 
     let mut ifindexes = BTreeMap::new();
     let mut addrs = BTreeMap::new();
-    for (slot, (pod, _)) in policy.pods.iter().enumerate() {
-        let ifindex = nix::net::if_::if_nametoindex(pod.interface.as_str()).map_err(|source| {
-            DatapathError::NoInterface {
-                key: "qos.pods.interface",
-                ifname: pod.interface.clone(),
-                source,
-            }
-        })?;
-        ifindexes.insert(ifindex, slot as u32);
-        for addr in &pod.addresses {
-            addrs.insert(addr_key(*addr), slot as u32);
+    for pod in pods {
+        let ifindex =
+            nix::net::if_::if_nametoindex(pod.config.interface.as_str()).map_err(|source| {
+                DatapathError::NoInterface {
+                    key: "qos.pods.interface",
+                    ifname: pod.config.interface.clone(),
+                    source,
+                }
+            })?;
+        ifindexes.insert(ifindex, pod.slot);
+        for addr in &pod.config.addresses {
+            addrs.insert(addr_key(*addr), pod.slot);
         }
     }
-    write_thresholds(pins, policy.node.capacity.bytes_per_sec(), window_ms)?;
+    write_thresholds(pins, node.capacity.bytes_per_sec(), window_ms)?;
     sync_hash(pins, IFINDEX_MAP, &ifindexes)?;
     sync_hash(pins, ADDRS_MAP, &addrs)?;
-    // Rows of slots no pod uses any more: cleared after nothing can look them up.
-    for slot in policy.pods.len() as u32..previous_len.min(MAX_PODS) {
-        let stale = pods_map.get(&slot, 0).map_err(|e| map_err(PODS_MAP, &e))?;
-        if stale != QosPod::EMPTY {
-            pods_map
-                .set(slot, QosPod::EMPTY, 0)
-                .map_err(|e| map_err(PODS_MAP, &e))?;
-        }
+    for &slot in freed {
+        pods_map
+            .set(slot, QosPod::EMPTY, 0)
+            .map_err(|e| map_err(PODS_MAP, &e))?;
     }
 
-    let pods = policy
-        .pods
+    let pods = pods
         .iter()
-        .enumerate()
-        .map(|(slot, (pod, _))| {
-            let row = &rows[slot];
+        .map(|pod| {
+            let row = &rows[&pod.slot];
             let alone = 1usize << (row.class as usize);
-            let unshaped = !pod.managed();
+            let unshaped = !pod.config.managed();
             QosPodSummary {
-                name: pod.name.clone(),
-                slot: slot as u32,
-                interface: pod.interface.clone(),
+                name: pod.config.name.clone(),
+                slot: pod.slot,
+                source: pod.source,
+                interface: pod.config.interface.clone(),
                 class: if unshaped {
                     "unshaped".to_owned()
                 } else if row.class == CLASS_OFFLINE {
@@ -169,15 +198,16 @@ pub fn apply(
     Ok(QosSummary {
         enforcement,
         generation,
-        capacity_bps: policy.node.capacity.bits_per_sec(),
+        capacity_bps: node.capacity.bits_per_sec(),
         pods,
+        refused: Vec::new(),
     })
 }
 
 /// The allocator's rows for the `shaped` pods in one direction.
 fn table(
-    policy: &QosPolicy,
-    shaped: &[usize],
+    node: &NodePolicy,
+    shaped: &[&SlottedPod],
     activity: &Activity,
     dir: Direction,
 ) -> Vec<[quicklane_qos::Rate; quicklane_qos::allocator::MASK_COUNT]> {
@@ -185,28 +215,29 @@ fn table(
     // userspace saw none of its pods send yet (they all woke within the last tick), all of
     // them count, or the other rows would ignore the class until the next tick.
     let mut class_seen = [false; CLASS_OFFLINE as usize + 1];
-    for &i in shaped {
-        if activity.is_active(i, dir) {
-            class_seen[class_of(&policy.pods[i].1) as usize] = true;
+    for pod in shaped {
+        if activity.is_active(pod.slot, dir) {
+            class_seen[class_of(&pod.policy) as usize] = true;
         }
     }
     let demands: Vec<PodDemand> = shaped
         .iter()
-        .map(|&i| {
-            let pod = policy.pods[i].1;
-            PodDemand {
-                policy: pod,
-                active: activity.is_active(i, dir) || !class_seen[class_of(&pod) as usize],
-            }
+        .map(|pod| PodDemand {
+            policy: pod.policy,
+            active: activity.is_active(pod.slot, dir)
+                || !class_seen[class_of(&pod.policy) as usize],
         })
         .collect();
-    rate_table(&policy.node, &demands, dir)
+    rate_table(node, &demands, dir)
 }
 
-/// Each pod's shaped bytes so far, `[egress, ingress]`, summed over CPUs.
-fn read_bytes(pins: &PinDir, pods: usize) -> Result<Vec<[u64; 2]>, DatapathError> {
+/// Each slot's shaped bytes so far, `[egress, ingress]`, summed over CPUs.
+fn read_bytes(
+    pins: &PinDir,
+    slots: impl Iterator<Item = u32>,
+) -> Result<BTreeMap<u32, [u64; 2]>, DatapathError> {
     let stats: PerCpuArray<MapData, QosStats> = typed(pins, STATS_MAP, Map::PerCpuArray)?;
-    (0..pods as u32)
+    slots
         .map(|slot| {
             let mut out = [0; 2];
             for (i, dir) in [DIR_EGRESS, DIR_INGRESS].into_iter().enumerate() {
@@ -217,9 +248,28 @@ fn read_bytes(pins: &PinDir, pods: usize) -> Result<Vec<[u64; 2]>, DatapathError
                     .map(|s| s.bytes)
                     .sum();
             }
-            Ok(out)
+            Ok((slot, out))
         })
         .collect()
+}
+
+/// A slot handed to a new pod starts clean: no departure time queued by the pod before it
+/// (which would hold the newcomer's first packets) and counters from zero.
+fn reset_slot(pins: &PinDir, slot: u32) -> Result<(), DatapathError> {
+    let mut edt: Array<MapData, u64> = typed(pins, EDT_MAP, Map::Array)?;
+    let mut stats: PerCpuArray<MapData, QosStats> = typed(pins, STATS_MAP, Map::PerCpuArray)?;
+    let stats_err = |e: std::io::Error| super::pin_err(std::path::Path::new(STATS_MAP), e);
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| stats_err(e))?;
+    for dir in [DIR_EGRESS, DIR_INGRESS] {
+        let index = aggregate(slot, dir);
+        edt.set(index, 0, 0).map_err(|e| map_err(EDT_MAP, &e))?;
+        let zero = aya::maps::PerCpuValues::try_from(vec![QosStats::default(); cpus])
+            .map_err(stats_err)?;
+        stats
+            .set(index, zero, 0)
+            .map_err(|e| map_err(STATS_MAP, &e))?;
+    }
+    Ok(())
 }
 
 /// What the datapath needs to judge class activity: the threshold (bytes per window above

@@ -1,15 +1,23 @@
-//! QoS while the agent runs: picking fq or the policer, installing and removing fq, and
-//! re-running the allocator when the policy changes (SIGHUP) or pods start or stop sending.
-use quicklane_common::qos::{
-    QosConfig as BpfQosConfig, ACTIVE_THRESHOLD_PER_MILLE, QOS_F_ENABLED, QOS_F_FQ,
+//! QoS while the agent runs: picking fq or the policer, installing and removing fq, giving
+//! pods their slots as they come and go, and re-running the allocator when the policy
+//! changes (SIGHUP, the pod source) or pods start or stop sending.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Instant,
 };
 
-use std::time::Instant;
+use quicklane_common::qos::{
+    QosConfig as BpfQosConfig, ACTIVE_THRESHOLD_PER_MILLE, MAX_PODS, QOS_F_ENABLED, QOS_F_FQ,
+};
+use quicklane_qos::{NodePolicy, PodPolicy};
 
-use super::{activity::Tracker, apply, read_bytes, Activity, Enforcement, QosSummary};
+use super::{
+    activity::Tracker, apply, read_bytes, reset_slot, Activity, Enforcement, PodSource, QosSummary,
+    RefusedPod, SlottedPod,
+};
 use crate::datapath::fq;
 use crate::{
-    config::{Config, QosConfig, QosMode, QosPolicy},
+    config::{Config, QosConfig, QosMode, QosPodConfig},
     datapath::DatapathError,
     features::Support,
     paths::PinDir,
@@ -46,16 +54,28 @@ pub fn bpf_config(qos: &QosConfig, enforcement: Option<Enforcement>) -> BpfQosCo
     }
 }
 
-/// QoS while the agent runs: the qdiscs it installed and the last policy it wrote.
+/// A pod the source (the Kubernetes API) asks to shape, already validated.
+pub type SourcePod = (QosPodConfig, PodPolicy);
+
+/// QoS while the agent runs: the qdiscs it installed, the pods in their slots and the last
+/// policy it wrote.
 #[derive(Debug)]
 pub struct QosState {
     summary: QosSummary,
-    policy: QosPolicy,
+    node: NodePolicy,
     window_ms: u32,
+    config_pods: Vec<SourcePod>,
+    source_pods: Vec<SourcePod>,
+    /// Refused by the source before they got here (bad annotations and the like).
+    source_refused: Vec<RefusedPod>,
+    pods: Vec<SlottedPod>,
+    /// The interface each slot's pod had: a pod recreated under the same name (a new veth)
+    /// starts clean.
+    slot_ifindex: BTreeMap<u32, u32>,
     tracker: Tracker,
     activity: Activity,
-    /// Interfaces carrying our fq, removed at shutdown.
-    fq: Vec<(String, u32)>,
+    /// Interfaces carrying our fq, removed when their pod goes and at shutdown.
+    fq: BTreeMap<String, u32>,
 }
 
 impl QosState {
@@ -63,54 +83,35 @@ impl QosState {
         pins: &PinDir,
         config: &Config,
         enforcement: Enforcement,
+        source: (Vec<SourcePod>, Vec<RefusedPod>),
     ) -> Result<Self, DatapathError> {
         let policy = policy_of(config)?;
-        let activity = Activity::all(policy.pods.len());
         let mut this = Self {
             summary: QosSummary {
                 enforcement,
                 generation: 0,
                 capacity_bps: 0,
                 pods: Vec::new(),
+                refused: Vec::new(),
             },
-            tracker: Tracker::new(policy.pods.len(), Instant::now()),
-            activity: activity.clone(),
+            node: policy.node,
             window_ms: config.qos.active_window_ms,
-            policy: policy.clone(),
-            fq: Vec::new(),
+            config_pods: policy.pods,
+            source_pods: Vec::new(),
+            source_refused: Vec::new(),
+            pods: Vec::new(),
+            slot_ifindex: BTreeMap::new(),
+            tracker: Tracker::new(Instant::now()),
+            activity: Activity::default(),
+            fq: BTreeMap::new(),
         };
-        if enforcement == Enforcement::Fq {
-            for (pod, _) in &policy.pods {
-                let installed = nix::net::if_::if_nametoindex(pod.interface.as_str())
-                    .map_err(|source| DatapathError::NoInterface {
-                        key: "qos.pods.interface",
-                        ifname: pod.interface.clone(),
-                        source,
-                    })
-                    .and_then(|ifindex| fq::install(&pod.interface, ifindex).map(|i| (ifindex, i)));
-                match installed {
-                    Ok((ifindex, how)) => {
-                        tracing::info!(interface = %pod.interface, ?how, "fq installed");
-                        this.fq.push((pod.interface.clone(), ifindex));
-                    }
-                    Err(e) => {
-                        let _ = this.shutdown();
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        match apply(
-            pins,
-            &policy,
-            enforcement,
-            1,
-            config.qos.active_window_ms,
-            &activity,
-        ) {
-            Ok(summary) => {
-                log(&summary);
-                this.summary = summary;
+        let started = this
+            .place(pins, source.0)
+            .map(|refused| this.source_refused = [source.1, refused].concat())
+            .and_then(|()| this.rewrite(pins, &[]));
+        match started {
+            Ok(()) => {
+                log(&this.summary);
                 Ok(this)
             }
             Err(e) => {
@@ -120,25 +121,60 @@ impl QosState {
         }
     }
 
+    /// SIGHUP: the node split, the config file's pods and their annotations.
     pub fn reload(&mut self, pins: &PinDir, config: &Config) -> Result<(), DatapathError> {
-        // Pods are the same (a different set needs a restart), so activity carries over.
-        self.policy = policy_of(config)?;
+        let policy = policy_of(config)?;
+        let previous = std::mem::replace(&mut self.config_pods, policy.pods);
+        let source = self.source_pods.clone();
+        let refused = match self.place(pins, source) {
+            Ok(refused) => refused,
+            Err(e) => {
+                self.config_pods = previous;
+                return Err(e);
+            }
+        };
+        self.node = policy.node;
         self.window_ms = config.qos.active_window_ms;
-        self.rewrite(pins)?;
+        self.source_refused
+            .retain(|r| !refused.iter().any(|n| n.name == r.name));
+        self.source_refused.extend(refused);
+        self.commit(pins)?;
         log(&self.summary);
         Ok(())
     }
 
+    /// The pod source's current view: these pods are shaped, the others no longer.
+    pub fn set_source_pods(
+        &mut self,
+        pins: &PinDir,
+        pods: Vec<SourcePod>,
+        refused: Vec<RefusedPod>,
+    ) -> Result<(), DatapathError> {
+        let late = self.place(pins, pods)?;
+        self.source_refused = [refused, late].concat();
+        self.commit(pins)?;
+        log(&self.summary);
+        Ok(())
+    }
+
+    /// Every interface a pod is shaped on.
+    pub fn interfaces(&self) -> BTreeSet<String> {
+        self.pods
+            .iter()
+            .map(|p| p.config.interface.clone())
+            .collect()
+    }
+
     /// Periodic: re-runs the allocator when a pod started or stopped sending.
     pub fn tick(&mut self, pins: &PinDir) -> Result<(), DatapathError> {
-        let bytes = read_bytes(pins, self.policy.pods.len())?;
-        let trickle = self.policy.node.capacity.bytes_per_sec() * ACTIVE_THRESHOLD_PER_MILLE / 1000;
+        let bytes = read_bytes(pins, self.pods.iter().map(|p| p.slot))?;
+        let trickle = self.node.capacity.bytes_per_sec() * ACTIVE_THRESHOLD_PER_MILLE / 1000;
         let activity = self.tracker.observe(&bytes, Instant::now(), trickle);
         if activity == self.activity {
             return Ok(());
         }
         self.activity = activity;
-        self.rewrite(pins)?;
+        self.rewrite(pins, &[])?;
         tracing::debug!(
             generation = self.summary.generation,
             "qos: pods started or stopped sending; rates recomputed"
@@ -146,15 +182,159 @@ impl QosState {
         Ok(())
     }
 
-    fn rewrite(&mut self, pins: &PinDir) -> Result<(), DatapathError> {
-        self.summary = apply(
+    /// Gives the config file's pods and `source` their slots (the ones they had, by name),
+    /// installs fq for newcomers and starts their slots clean. Config pods that cannot be
+    /// placed fail the whole change; source pods that cannot are returned as refused.
+    fn place(
+        &mut self,
+        pins: &PinDir,
+        source: Vec<SourcePod>,
+    ) -> Result<Vec<RefusedPod>, DatapathError> {
+        let mut refused = Vec::new();
+        let mut next = Vec::new();
+        let mut taken: BTreeSet<u32> = BTreeSet::new();
+        let mut kept_source = Vec::new();
+        let wanted: Vec<_> = self
+            .config_pods
+            .iter()
+            .cloned()
+            .map(|p| (PodSource::Config, p))
+            .chain(source.into_iter().map(|p| (PodSource::Kubernetes, p)))
+            .collect();
+        for (from, (config, policy)) in wanted {
+            let placed = self.slot_for(&config, &taken).and_then(|(slot, ifindex)| {
+                self.prepare(pins, &config, slot, ifindex)
+                    .map(|()| (slot, ifindex))
+            });
+            match (placed, from) {
+                (Ok((slot, ifindex)), _) => {
+                    taken.insert(slot);
+                    self.slot_ifindex.insert(slot, ifindex);
+                    if from == PodSource::Kubernetes {
+                        kept_source.push((config.clone(), policy));
+                    }
+                    next.push(SlottedPod {
+                        slot,
+                        source: from,
+                        config,
+                        policy,
+                    });
+                }
+                (Err(e), PodSource::Config) => return Err(e),
+                (Err(e), PodSource::Kubernetes) => refused.push(RefusedPod {
+                    name: config.name,
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        self.source_pods = kept_source;
+        self.pods = next;
+        Ok(refused)
+    }
+
+    /// The slot `pod` keeps (same name) or gets (the lowest free one), and its ifindex.
+    fn slot_for(
+        &self,
+        pod: &QosPodConfig,
+        taken: &BTreeSet<u32>,
+    ) -> Result<(u32, u32), DatapathError> {
+        let ifindex = nix::net::if_::if_nametoindex(pod.interface.as_str()).map_err(|source| {
+            DatapathError::NoInterface {
+                key: "qos.pods.interface",
+                ifname: pod.interface.clone(),
+                source,
+            }
+        })?;
+        if let Some(old) = self.pods.iter().find(|p| p.config.name == pod.name) {
+            if !taken.contains(&old.slot) {
+                return Ok((old.slot, ifindex));
+            }
+        }
+        let in_use = |slot: &u32| {
+            taken.contains(slot)
+                || self
+                    .pods
+                    .iter()
+                    .any(|p| p.slot == *slot && p.config.name != pod.name)
+        };
+        (0..MAX_PODS)
+            .find(|s| !in_use(s))
+            .map(|slot| (slot, ifindex))
+            .ok_or_else(|| DatapathError::Qos(format!("all {MAX_PODS} pod slots are in use")))
+    }
+
+    /// Readies `slot` for `pod`: fq on a new interface, and a clean slot for a new pod.
+    fn prepare(
+        &mut self,
+        pins: &PinDir,
+        pod: &QosPodConfig,
+        slot: u32,
+        ifindex: u32,
+    ) -> Result<(), DatapathError> {
+        if self.summary.enforcement == Enforcement::Fq
+            && self.fq.get(&pod.interface) != Some(&ifindex)
+        {
+            let how = fq::install(&pod.interface, ifindex)?;
+            tracing::info!(interface = %pod.interface, ?how, "fq installed");
+            self.fq.insert(pod.interface.clone(), ifindex);
+        }
+        let same = self
+            .pods
+            .iter()
+            .any(|p| p.slot == slot && p.config.name == pod.name);
+        if !same || self.slot_ifindex.get(&slot) != Some(&ifindex) {
+            reset_slot(pins, slot)?;
+            self.tracker.forget(slot);
+        }
+        Ok(())
+    }
+
+    /// Writes the placed pods, clears the slots nobody uses any more and takes fq off
+    /// interfaces no pod is on.
+    fn commit(&mut self, pins: &PinDir) -> Result<(), DatapathError> {
+        let used: BTreeSet<u32> = self.pods.iter().map(|p| p.slot).collect();
+        let freed: Vec<u32> = self
+            .slot_ifindex
+            .keys()
+            .copied()
+            .filter(|s| !used.contains(s))
+            .collect();
+        self.rewrite(pins, &freed)?;
+        for slot in &freed {
+            self.slot_ifindex.remove(slot);
+        }
+        let interfaces = self.interfaces();
+        let gone: Vec<(String, u32)> = self
+            .fq
+            .iter()
+            .filter(|(name, _)| !interfaces.contains(*name))
+            .map(|(n, i)| (n.clone(), *i))
+            .collect();
+        for (ifname, ifindex) in gone {
+            self.fq.remove(&ifname);
+            // A deleted pod took its veth, and the qdisc, with it.
+            if nix::net::if_::if_nametoindex(ifname.as_str()).ok() == Some(ifindex) {
+                if let Err(e) = fq::remove(&ifname, ifindex) {
+                    tracing::warn!("removing fq: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn rewrite(&mut self, pins: &PinDir, freed: &[u32]) -> Result<(), DatapathError> {
+        let mut summary = apply(
             pins,
-            &self.policy,
+            &self.node,
+            &self.pods,
+            freed,
             self.summary.enforcement,
             self.summary.generation + 1,
             self.window_ms,
             &self.activity,
         )?;
+        summary.refused.clone_from(&self.source_refused);
+        self.summary = summary;
         Ok(())
     }
 
@@ -177,7 +357,7 @@ impl QosState {
     }
 }
 
-fn policy_of(config: &Config) -> Result<QosPolicy, DatapathError> {
+fn policy_of(config: &Config) -> Result<crate::config::QosPolicy, DatapathError> {
     config
         .qos
         .policy()
@@ -189,6 +369,7 @@ fn log(summary: &QosSummary) {
         enforcement = %summary.enforcement,
         generation = summary.generation,
         pods = summary.pods.len(),
+        refused = summary.refused.len(),
         "qos policy applied"
     );
 }

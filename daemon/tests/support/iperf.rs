@@ -1,0 +1,99 @@
+//! iperf3 between pods, measured at the receiver, for the QoS tests.
+use std::{process::Stdio, time::Duration};
+
+use serde_json::Value;
+use simnode::{Pod, Proc};
+
+pub const MBIT: f64 = 1e6;
+
+/// An iperf3 server in `pod`, killed when the guard drops.
+pub fn iperf_server(pod: &Pod, port: u16) -> Proc {
+    let mut cmd = pod.command("iperf3");
+    // -J: the client's --get-server-output then carries the server's JSON, whose
+    // intervals are what actually arrived.
+    cmd.args(["-s", "-J", "-i", "0.5", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let proc = pod.spawn(&mut cmd).expect("spawn iperf3 server");
+    super::wait_tcp_listening(pod, port, Duration::from_secs(5));
+    proc
+}
+
+/// What one iperf3 client run measured at the receiver.
+#[derive(Debug)]
+pub struct Measured {
+    pub bits_per_sec: f64,
+    pub retransmits: u64,
+    pub bytes: u64,
+    /// Per-second receiver rates, for preemption and stability checks.
+    pub intervals: Vec<f64>,
+}
+
+/// Runs an iperf3 client in `from` against `to`'s server; `extra` adds e.g. `-C bbr` or
+/// `-u -b 400M`.
+pub fn iperf(from: &Pod, to: &Pod, port: u16, secs: u32, extra: &[&str]) -> Measured {
+    measured(
+        &iperf_spawn(from, to, port, secs, extra)
+            .wait_with_output()
+            .unwrap(),
+    )
+}
+
+pub fn iperf_spawn(
+    from: &Pod,
+    to: &Pod,
+    port: u16,
+    secs: u32,
+    extra: &[&str],
+) -> std::process::Child {
+    from.command("iperf3")
+        .args(["-c", &to.ipv4().to_string(), "-p", &port.to_string()])
+        .args(["-t", &secs.to_string(), "-J", "--get-server-output"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run iperf3")
+}
+
+pub fn measured(out: &std::process::Output) -> Measured {
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "iperf3 output is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    assert!(json.get("error").is_none(), "iperf3: {}", json["error"]);
+    let end = &json["end"];
+    // The server's own view: what arrived, interval by interval.
+    let server = &json["server_output_json"];
+    let intervals: Vec<f64> = server["intervals"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                // The last interval can be a sliver whose rate means nothing.
+                .filter(|i| i["sum"]["seconds"].as_f64().unwrap_or(0.0) > 0.4)
+                .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
+                .collect()
+        })
+        .unwrap_or_default();
+    let received = &end["sum_received"];
+    Measured {
+        bits_per_sec: received["bits_per_second"].as_f64().unwrap(),
+        retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+        bytes: received["bytes"].as_u64().unwrap(),
+        intervals,
+    }
+}
+
+pub fn assert_within(what: &str, measured: f64, target: f64, tolerance: f64) {
+    let ratio = measured / target;
+    assert!(
+        (1.0 - tolerance..=1.0 + tolerance).contains(&ratio),
+        "{what}: {:.1} Mbit/s is {:.3}x the target {:.1} Mbit/s (allowed +-{:.0} %)",
+        measured / MBIT,
+        ratio,
+        target / MBIT,
+        tolerance * 100.0
+    );
+}
