@@ -13,6 +13,8 @@ pub const META_F_LEAVING: u32 = 8;
 pub const META_F_LEFT: u32 = 16;
 /// This socket and its peer are both eligible under the rules of `SockMeta::generation`.
 pub const META_F_ELIGIBLE: u32 = 4;
+/// The socket is paced (a QoS-shaped end): its RTT samples refresh the pacing rate.
+pub const META_F_PACED: u32 = 32;
 
 /// What the bypass knows about one socket it tracks, keyed by the socket's `SockKey`.
 #[repr(C)]
@@ -30,6 +32,11 @@ pub struct SockMeta {
     pub flags: u32,
     /// Messages sent since the peer last sent one; the peer's sk_msg resets it.
     pub unanswered: u32,
+    /// QoS slot + 1 of the local pod when its egress is shaped (0: not shaped); set with
+    /// `generation`. Redirected bytes are charged to that pod's timeline.
+    pub qos_egress: u32,
+    /// QoS slot + 1 of the peer pod when its ingress is shaped (0: not shaped).
+    pub qos_ingress: u32,
     pub pad: u32,
     /// Messages the peer redirected into this socket (atomically incremented by the peer
     /// before it checks `META_F_LEAVING`): nonzero means our redirect queue may hold bytes,
@@ -108,7 +115,7 @@ mod pod {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<SockMeta>() == 48);
+    assert!(core::mem::size_of::<SockMeta>() == 56);
     assert!(core::mem::size_of::<Origin>() == 16);
     assert!(core::mem::size_of::<ListenerKey>() == 16);
     assert!(core::mem::size_of::<RulesState>() == 8);

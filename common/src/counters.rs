@@ -47,6 +47,8 @@ pub mod sockops {
         CONN_PACED = 20: "conn_paced",
         PACING_UPDATES = 21: "pacing_updates",
         PACING_RELEASED = 22: "pacing_released",
+        MSG_QOS_CHARGED = 23: "msg_qos_charged",
+        CONN_DEMOTED_QOS = 24: "conn_demoted_over_rate",
     });
 }
 

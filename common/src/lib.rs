@@ -8,12 +8,13 @@
 
 pub mod bypass;
 pub mod counters;
+pub mod edt;
 pub mod qos;
 pub mod sock;
 
 /// Bumped whenever a shared layout or a load-time global changes meaning, so a daemon never
 /// adopts pins written by an incompatible datapath.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Load-time settings of the sock_ops/sk_msg object (`QL_SOCKOPS_CONFIG` global).
 #[repr(C)]
@@ -27,6 +28,10 @@ pub struct SockopsConfig {
     /// After this many consecutive small messages with no message from the peer in between,
     /// the sending direction moves to the normal TCP path, where segments batch them.
     pub small_msg_streak: u32,
+    /// How far ahead of now a shaped pod's timeline may run with bypassed bytes before its
+    /// connection leaves the bypass for the paced, shaped TCP path (ns).
+    pub qos_burst_ns: u32,
+    pub pad: u32,
 }
 
 /// Record established sockets in the sockhash and redirect messages between same-node peers.
@@ -42,4 +47,4 @@ pub const SOCKOPS_F_PACING: u32 = 4;
 // SAFETY: repr(C), Copy, no padding (asserted below).
 unsafe impl aya::Pod for SockopsConfig {}
 
-const _: () = assert!(core::mem::size_of::<SockopsConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<SockopsConfig>() == 24);

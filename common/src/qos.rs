@@ -118,6 +118,8 @@ pub struct QosStats {
     pub marked: u64,
     /// Packets dropped beyond the drop horizon.
     pub dropped: u64,
+    /// Bytes the bypass moved for the pod (charged to the same timeline, never shaped).
+    pub bypassed: u64,
 }
 
 /// Load-time settings of the tc object (`QL_QOS_CONFIG`).
@@ -328,7 +330,7 @@ mod pod_impls {
 
 const _: () = assert!(core::mem::size_of::<QosPod>() == 8 + 2 * 8 * MASKS);
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
-const _: () = assert!(core::mem::size_of::<QosStats>() == 32);
+const _: () = assert!(core::mem::size_of::<QosStats>() == 40);
 const _: () = assert!(core::mem::size_of::<QosConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<ClassActivity>() == 56);
 

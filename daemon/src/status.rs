@@ -72,6 +72,8 @@ pub struct QosCounters {
     pub bytes: u64,
     pub marked: u64,
     pub dropped: u64,
+    /// Bytes the bypass moved, charged to the same budget.
+    pub bypassed: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -203,6 +205,7 @@ fn qos_status(pins: &PinDir, policy: QosSummary) -> Result<QosStatus, StatusErro
                 bytes: a.bytes + s.bytes,
                 marked: a.marked + s.marked,
                 dropped: a.dropped + s.dropped,
+                bypassed: a.bypassed + s.bypassed,
             }))
     };
     let pods = policy
@@ -390,17 +393,19 @@ impl QosStatus {
         for (p, c) in self.policy.pods.iter().zip(&self.pods) {
             let _ = writeln!(
                 s,
-                "  {:<16} {:<10} {:<10} class {:<8} egress {:>14} ({} B, {} marked, {} dropped)  ingress {:>14} ({} B, {} marked, {} dropped)",
+                "  {:<16} {:<10} {:<10} class {:<8} egress {:>14} ({} B shaped, {} B bypassed, {} marked, {} dropped)  ingress {:>14} ({} B shaped, {} B bypassed, {} marked, {} dropped)",
                 p.name,
                 format!("{:?}", p.source).to_lowercase(),
                 p.interface,
                 p.class,
                 rate(p.egress_bps),
                 c.egress.bytes,
+                c.egress.bypassed,
                 c.egress.marked,
                 c.egress.dropped,
                 rate(p.ingress_bps),
                 c.ingress.bytes,
+                c.ingress.bypassed,
                 c.ingress.marked,
                 c.ingress.dropped,
             );

@@ -316,6 +316,69 @@ fn a_bypassed_connection_is_held_to_a_limit_that_appears_live() {
     node.teardown().unwrap();
 }
 
+/// A shaped pod keeps its acceleration while it keeps to its rate: its bypassed bytes are
+/// charged to its budget (and shown), and only a connection that runs over the limit leaves
+/// the bypass, to be held by pacing and the shaper.
+#[test]
+fn a_shaped_pod_stays_bypassed_within_its_limit_and_leaves_it_above() {
+    if !privileged("qos charged bypass test") {
+        return;
+    }
+    let _serial = one_at_a_time();
+    let node = Node::new(2).unwrap();
+    let (a, b) = (node.pod(0), node.pod(1));
+    let pods = format!(
+        "{}{}",
+        pod_entry(a, &[("kubernetes.io/egress-bandwidth", "100M")]),
+        pod_entry(b, &[])
+    );
+    let agent = Agent::start(
+        &node,
+        &qos_config(&node, "capacity = \"10G\"", &pods),
+        false,
+    );
+    let _rr = support::server(b, "rr", 5601, 30, &["--msg-size", "64"]);
+    let report = support::client(
+        a,
+        &format!("{}:5601", b.ipv4()),
+        "rr",
+        2,
+        &["--msg-size", "64"],
+    );
+    let s = status(&node);
+    let qos_a = &s["qos"]["pods"][0]["egress"];
+    eprintln!(
+        "rr within the limit: {} transactions, {} bytes charged to the pod's budget, msg_redirected {}",
+        report["transactions"], qos_a["bypassed"], counter(&s, "sockops", "msg_redirected")
+    );
+    assert!(counter(&s, "sockops", "msg_redirected") > 1000, "{s:#}");
+    assert!(counter(&s, "sockops", "msg_qos_charged") > 1000, "{s:#}");
+    assert_eq!(counter(&s, "sockops", "conn_demoted_over_rate"), 0, "{s:#}");
+    assert!(qos_a["bypassed"].as_u64().unwrap() > 64 * 1000, "{s:#}");
+
+    let _srv = iperf_server(b, 5602);
+    let m = iperf(a, b, 5602, 3, &[]);
+    eprintln!(
+        "stream over the limit: {:.1} Mbit/s, {} retransmits",
+        m.bits_per_sec / MBIT,
+        m.retransmits
+    );
+    assert_within(
+        "a stream from a 100M pod",
+        m.bits_per_sec,
+        100.0 * MBIT,
+        0.05,
+    );
+    let s = status(&node);
+    assert!(
+        counter(&s, "sockops", "conn_demoted_over_rate") >= 1,
+        "{s:#}"
+    );
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{log}");
+    node.teardown().unwrap();
+}
+
 #[test]
 fn three_priorities_with_an_idle_pod_whose_share_goes_to_its_class() {
     if !privileged("qos three priorities test") {

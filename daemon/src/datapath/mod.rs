@@ -526,6 +526,12 @@ pub fn load(
         },
         small_msg_bytes: config.bypass.small_msg_bytes,
         small_msg_streak: config.bypass.small_msg_streak,
+        // How far a shaped pod's bypassed bytes may run ahead of its rate. Whatever is ahead
+        // when a connection leaves the bypass, its paced TCP inherits as lateness at the
+        // shaper: at the full CE threshold every packet got marked and cubic fell to 0.92x of
+        // a 200M limit with 2 % retransmits; a quarter leaves TCP's bursts room (0.99x, none).
+        qos_burst_ns: (tc.ce_threshold_ns / 4).min(u64::from(u32::MAX)) as u32,
+        pad: 0,
     };
     let mut loader = EbpfLoader::new();
     let maps_dir = pins.maps();

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use quicklane_common::{
     bypass::{FlowKey, ListenerKey, Origin, RulesState, SockMeta, Traffic},
     counters::sockops as c,
-    qos::{AddrKey, ClassActivity, QosPod, CLASSES, MAX_PODS},
+    qos::{AddrKey, ClassActivity, QosPod, QosStats, CLASSES, MAX_PODS},
     sock::SockKey,
     SockopsConfig,
 };
@@ -52,7 +52,8 @@ pub static QL_RULES_STATE: Array<RulesState> = Array::pinned(1, 0);
 pub static QL_FLOW_TRAFFIC: PerCpuHashMap<FlowKey, Traffic> = PerCpuHashMap::pinned(16_384, 0);
 
 /// Pod address -> QoS pod slot (sock_ops knows a socket's pod by its addresses on every
-/// kernel). `QL_QOS_PODS` and `QL_QOS_ACTIVE` are the tc object's maps, shared by pin name.
+/// kernel). The other `QL_QOS_*` maps are the tc object's, shared by pin name: sk_msg charges
+/// bypassed bytes to the same timelines, classes and counters as the tc shaper.
 #[map(name = "QL_QOS_ADDRS")]
 pub static QL_QOS_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_PODS * 4, 0);
 
@@ -61,6 +62,12 @@ pub static QL_QOS_PODS: Array<QosPod> = Array::pinned(MAX_PODS, 0);
 
 #[map(name = "QL_QOS_ACTIVE")]
 pub static QL_QOS_ACTIVE: Array<ClassActivity> = Array::pinned(2 * CLASSES as u32, 0);
+
+#[map(name = "QL_QOS_EDT")]
+pub static QL_QOS_EDT: Array<u64> = Array::pinned(MAX_PODS * 2, 0);
+
+#[map(name = "QL_QOS_STATS")]
+pub static QL_QOS_STATS: PerCpuArray<QosStats> = PerCpuArray::pinned(MAX_PODS * 2, 0);
 
 #[map(name = "QL_SOCKOPS_STATS")]
 static QL_SOCKOPS_STATS: PerCpuArray<u64> = PerCpuArray::pinned(c::LEN, 0);
@@ -71,6 +78,8 @@ static QL_SOCKOPS_CONFIG: SockopsConfig = SockopsConfig {
     flags: 0,
     small_msg_bytes: 0,
     small_msg_streak: 0,
+    qos_burst_ns: 0,
+    pad: 0,
 };
 
 #[inline(always)]
@@ -98,6 +107,15 @@ pub fn small_msg_policy() -> (u32, u32) {
             core::ptr::read_volatile(core::ptr::addr_of!(QL_SOCKOPS_CONFIG.small_msg_streak)),
         )
     }
+}
+
+/// See `SockopsConfig::qos_burst_ns`.
+#[inline(always)]
+pub fn qos_burst_ns() -> u64 {
+    // SAFETY: as for `config_flags`.
+    u64::from(unsafe {
+        core::ptr::read_volatile(core::ptr::addr_of!(QL_SOCKOPS_CONFIG.qos_burst_ns))
+    })
 }
 
 #[inline(always)]

@@ -1,3 +1,4 @@
+mod charge;
 mod key;
 mod maps;
 mod pacing;

@@ -39,26 +39,42 @@ pub fn start(ctx: &SockOpsContext, key: &SockKey) -> bool {
     true
 }
 
-/// Whether either end of the connection is shaped. Such connections ask for ECN (so the
-/// shaper's CE marks slow them before anything is dropped) and stay off the bypass.
+/// Whether either end of the connection is shaped. Such connections ask for ECN, so the
+/// shaper's CE marks slow them before anything is dropped.
 pub fn shaped(key: &SockKey) -> bool {
-    if config_flags() & SOCKOPS_F_PACING == 0 {
-        return false;
-    }
-    pod_at(key.family, key.local_ip).is_some_and(|p| p.shaped(DIR_EGRESS))
-        || pod_at(key.family, key.remote_ip).is_some_and(|p| p.shaped(DIR_INGRESS))
+    shaped_slots(key) != (0, 0)
 }
 
-/// Re-applies the rate at an RTT sample of a paced socket. A socket whose pods lost their
-/// policy gets its pacing cap lifted and stops asking for RTT callbacks.
-pub fn refresh(ctx: &SockOpsContext, key: &SockKey) {
+/// (QoS slot + 1 of the local pod if its egress is shaped, of the peer pod if its ingress
+/// is), 0 where not.
+#[inline(always)]
+pub fn shaped_slots(key: &SockKey) -> (u32, u32) {
+    if config_flags() & SOCKOPS_F_PACING == 0 {
+        return (0, 0);
+    }
+    let shaped_slot = |addr: [u32; 4], dir: u32| {
+        let slot = slot_at(key.family, addr)?;
+        QL_QOS_PODS
+            .get(slot)
+            .filter(|p| p.shaped(dir))
+            .map(|_| slot + 1)
+    };
+    (
+        shaped_slot(key.local_ip, DIR_EGRESS).unwrap_or(0),
+        shaped_slot(key.remote_ip, DIR_INGRESS).unwrap_or(0),
+    )
+}
+
+/// Re-applies the rate at an RTT sample of a paced socket; false (and the pacing cap
+/// lifted) once its pods lost their policy, so the caller can stop the RTT callbacks.
+pub fn refresh(ctx: &SockOpsContext, key: &SockKey) -> bool {
     if config_flags() & SOCKOPS_F_PACING != 0 && apply(ctx, key) {
         count(c::PACING_UPDATES, 1);
-        return;
+        return true;
     }
     set_max_pacing_rate(ctx, u32::MAX);
     count(c::PACING_RELEASED, 1);
-    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+    false
 }
 
 fn apply(ctx: &SockOpsContext, key: &SockKey) -> bool {
@@ -106,16 +122,20 @@ fn payload_rate(rate: u64) -> u64 {
 }
 
 #[inline(always)]
-fn pod_at(family: u32, addr: [u32; 4]) -> Option<&'static QosPod> {
+fn slot_at(family: u32, addr: [u32; 4]) -> Option<u32> {
     let key = AddrKey { family, addr };
     // SAFETY: the slot is copied out at once.
-    let slot = *unsafe { QL_QOS_ADDRS.get(&key) }?;
-    QL_QOS_PODS.get(slot)
+    unsafe { QL_QOS_ADDRS.get(&key) }.copied()
+}
+
+#[inline(always)]
+fn pod_at(family: u32, addr: [u32; 4]) -> Option<&'static QosPod> {
+    QL_QOS_PODS.get(slot_at(family, addr)?)
 }
 
 /// The rate the tc shaper would give this pod's next packet.
 #[inline(always)]
-fn rate_now(pod: &QosPod, dir: u32, now: u64) -> u64 {
+pub fn rate_now(pod: &QosPod, dir: u32, now: u64) -> u64 {
     let classes = Classes::read(dir, |i| QL_QOS_ACTIVE.get(i));
     let own = pod.class as usize & (CLASSES - 1);
     effective_rate(pod, dir, classes.mask(now) | (1 << own), &classes)

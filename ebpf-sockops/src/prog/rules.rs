@@ -108,14 +108,9 @@ fn decide(verdict: Option<u32>, have_includes: bool) -> bool {
     }
 }
 
+/// Connections with a QoS-shaped end are eligible too: sk_msg charges their bytes to the
+/// pod's budget and moves them to TCP once they exceed it (see `charge`).
 #[inline(always)]
-/// Also refuses connections with a QoS-shaped end: their bytes must take TCP, where pacing
-/// and the tc shaper hold them to the pod's budget, or a shaped pod could escape its limit
-/// by talking to a neighbour on the same node. A policy that appears on SIGHUP reaches
-/// bypassed connections through the rules generation bump, like any rule change.
 pub fn eligible(key: &SockKey, meta: &SockMeta, state: &RulesState) -> bool {
-    cgroup_eligible(meta, state)
-        && cidr_eligible(key, state)
-        && port_eligible(key, meta, state)
-        && !super::pacing::shaped(key)
+    cgroup_eligible(meta, state) && cidr_eligible(key, state) && port_eligible(key, meta, state)
 }

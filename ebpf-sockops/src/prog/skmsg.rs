@@ -11,6 +11,7 @@ use quicklane_common::{
 };
 
 use super::{
+    charge,
     key::key_from_ctx,
     maps::{count, rules_state, small_msg_policy, QL_FLOW_TRAFFIC, QL_META, QL_SOCKS},
     rules::eligible,
@@ -53,6 +54,11 @@ pub fn ql_sk_msg(ctx: SkMsgContext) -> u32 {
         count(c::CONN_DEMOTED_SMALL, 1);
         return lock_tcp(meta, c::MSG_NORMAL_PATH);
     }
+    if !charge::admit(meta, size) {
+        // Over the pod's rate: TCP from here on, paced and shaped to it.
+        count(c::CONN_DEMOTED_QOS, 1);
+        return lock_tcp(meta, c::MSG_NORMAL_PATH);
+    }
     // Increment first, then look: a peer that is leaving either sees our increment and stays,
     // or we see its flag and do not redirect (see SockMeta::rx_redirects).
     // SAFETY: points into a live, 8-byte aligned map value.
@@ -68,6 +74,9 @@ pub fn ql_sk_msg(ctx: SkMsgContext) -> u32 {
     }
     count(c::MSG_REDIRECTED, 1);
     count(c::MSG_REDIRECTED_BYTES, size);
+    if meta.qos_egress | meta.qos_ingress != 0 {
+        count(c::MSG_QOS_CHARGED, 1);
+    }
     account(meta, size);
     SK_PASS
 }
@@ -110,6 +119,7 @@ fn eligible_now(key: &SockKey, meta: &mut SockMeta) -> bool {
         let peer = unsafe { &*peer };
         let ok = eligible(key, meta, &state) && eligible(&peer_key, peer, &state);
         meta.peer_cgroup = peer.cgroup_id;
+        (meta.qos_egress, meta.qos_ingress) = super::pacing::shaped_slots(key);
         meta.generation = state.generation;
         if ok {
             meta.flags |= META_F_ELIGIBLE;

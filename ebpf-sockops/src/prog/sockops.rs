@@ -12,7 +12,9 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use quicklane_common::{
-    bypass::{ListenerKey, Origin, SockMeta, META_F_ACTIVE, META_F_LEAVING, META_F_LEFT},
+    bypass::{
+        ListenerKey, Origin, SockMeta, META_F_ACTIVE, META_F_LEAVING, META_F_LEFT, META_F_PACED,
+    },
     counters::sockops as c,
     SOCKOPS_F_BYPASS,
 };
@@ -56,13 +58,11 @@ pub fn ql_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Pacing first; the bypass then refuses shaped connections (see `rules::eligible`).
+/// Pacing first (it holds the connection whenever it takes TCP), then the bypass.
 fn established(ctx: &SockOpsContext, active: bool, bypass: bool) {
-    if let Some(key) = key_from_ctx!(ctx.ops) {
-        pacing::start(ctx, &key);
-    }
+    let paced = key_from_ctx!(ctx.ops).is_some_and(|key| pacing::start(ctx, &key));
     if bypass {
-        on_established(ctx, active);
+        on_established(ctx, active, paced);
     }
 }
 
@@ -99,7 +99,7 @@ fn origin(ctx: &SockOpsContext, active: bool) -> Option<Origin> {
     }
 }
 
-fn on_established(ctx: &SockOpsContext, active: bool) {
+fn on_established(ctx: &SockOpsContext, active: bool, paced: bool) {
     // No origin: the listener was opened (or the connect started) before the agent attached,
     // the usual case for servers already running when the agent starts or restarts. The
     // socket is still accelerated, as pod "unknown" (cgroup 0): cgroup include rules cannot
@@ -117,8 +117,10 @@ fn on_established(ctx: &SockOpsContext, active: bool) {
         rule_cgroup: origin.rule_cgroup,
         peer_cgroup: 0,
         generation: 0,
-        flags: if active { META_F_ACTIVE } else { 0 },
+        flags: if active { META_F_ACTIVE } else { 0 } | if paced { META_F_PACED } else { 0 },
         unanswered: 0,
+        qos_egress: 0,
+        qos_ingress: 0,
         pad: 0,
         rx_redirects: 0,
     };
@@ -184,14 +186,20 @@ fn on_rtt(ctx: &SockOpsContext) {
     let Some(key) = key_from_ctx!(ctx.ops) else {
         return;
     };
-    // Tracked sockets ask for RTT samples to leave the bypass; every other socket that asks
-    // is a paced one (shaped connections are never tracked).
+    // RTT samples serve pacing (sockets with a shaped end) and leaving the bypass (tracked
+    // sockets); an untracked socket that asks is a paced one.
     let Some(meta) = QL_META.get_ptr_mut(&key) else {
-        pacing::refresh(ctx, &key);
+        if !pacing::refresh(ctx, &key) {
+            stop_rtt_callbacks(ctx);
+        }
         return;
     };
     // SAFETY: live element of a BPF_F_NO_PREALLOC hash.
     let meta = unsafe { &mut *meta };
+    if meta.flags & META_F_PACED != 0 && !pacing::refresh(ctx, &key) {
+        meta.flags &= !META_F_PACED;
+    }
+    let paced = meta.flags & META_F_PACED != 0;
     if meta.flags & (META_F_LEAVING | META_F_LEFT) != META_F_LEAVING {
         return;
     }
@@ -211,6 +219,12 @@ fn on_rtt(ctx: &SockOpsContext) {
         count(c::SOCK_LEFT_MAP, 1);
     }
     // Decided either way (a socket with redirected bytes in its queue stays for good): no
-    // more callbacks on every ACK.
+    // more callbacks on every ACK, unless pacing still needs them.
+    if !paced {
+        stop_rtt_callbacks(ctx);
+    }
+}
+
+fn stop_rtt_callbacks(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
 }

@@ -10,9 +10,10 @@ use aya_ebpf::{
 };
 use quicklane_common::{
     counters::tc as c,
+    edt,
     qos::{
         activity_slot, aggregate, effective_rate, transmit_ns, verdict, Classes, QosStats, Verdict,
-        CLASSES, QOS_F_ENABLED, QOS_F_FQ,
+        QOS_F_ENABLED, QOS_F_FQ,
     },
 };
 
@@ -49,14 +50,14 @@ pub fn shape(ctx: &TcContext, dir: u32) -> Option<i32> {
     let agg = aggregate(slot, dir);
     let timeline = QL_QOS_EDT.get_ptr_mut(agg)?;
     // SAFETY: array value pointer, 8-byte aligned.
-    let departure = unsafe { claim(timeline, now, delta) };
+    let departure = unsafe { edt::claim(timeline, now, delta) };
     let late = departure.saturating_sub(now);
     let stats = QL_QOS_STATS.get_ptr_mut(agg);
     count(c::QOS_SHAPED, 1);
     match verdict(late, &cfg) {
         Verdict::Drop => {
             // SAFETY: as above; hands the dropped packet's time back to the aggregate.
-            unsafe { atomic_add(timeline, delta.wrapping_neg()) };
+            unsafe { edt::hand_back(timeline, delta) };
             count(c::QOS_DROPPED, 1);
             bump(stats, |s| s.dropped += 1);
             return Some(TC_ACT_SHOT as i32);
@@ -146,82 +147,13 @@ fn pure_tcp_ack(ctx: &TcContext) -> bool {
     ip_payload <= usize::from(offset >> 4) * 4
 }
 
-/// Adds the packet to its class's bytes in the current window, marks the class competing
-/// once that passes the threshold, and returns what the datapath knows of the classes.
+/// The direction's classes with this packet's bytes noted (see `edt::note_activity`).
 #[inline(always)]
 fn note_activity(dir: u32, class: u32, len: u64, now: u64, window: u64) -> Classes {
-    let mut classes = Classes::read(dir, |i| QL_QOS_ACTIVE.get(i));
-    let own = (class as usize) & (CLASSES - 1);
-    if let Some(p) = QL_QOS_ACTIVE.get_ptr_mut(activity_slot(dir, class)) {
-        // SAFETY: array value pointer, 8-byte aligned fields. Window restarts are plain
-        // stores: a racing restart loses at most a few packets' bytes from a count that only
-        // decides whether a class is more than a trickle and roughly how much it uses.
-        unsafe {
-            let a = &mut *p;
-            let since = now.saturating_sub(core::ptr::read_volatile(&a.window_start));
-            if since >= window {
-                let last = if since < 2 * window {
-                    core::ptr::read_volatile(&a.bytes)
-                } else {
-                    0
-                };
-                core::ptr::write_volatile(&mut a.last_bytes, last);
-                core::ptr::write_volatile(&mut a.window_start, now);
-                core::ptr::write_volatile(&mut a.bytes, 0);
-            }
-            let total = atomic_fetch_add(&mut a.bytes, len) + len;
-            // Refresh at most twice per window, so busy classes do not store on every packet.
-            if total >= a.threshold && classes.until[own] < now + window / 2 {
-                core::ptr::write_volatile(&mut a.active_until, now + window);
-            }
-        }
-    }
-    // A pod's own row assumes its class competes.
-    classes.until[own] = classes.until[own].max(now + 1);
-    classes
-}
-
-/// Claims `delta` ns of the timeline and returns the packet's departure time. An idle
-/// aggregate's timeline lags behind `now`; it restarts at `now` (racing restarts can lose a
-/// few packets' time, which errs towards sending).
-///
-/// # Safety
-/// `timeline` must be valid and 8-byte aligned.
-#[inline(always)]
-unsafe fn claim(timeline: *mut u64, now: u64, delta: u64) -> u64 {
-    // SAFETY: guaranteed by the caller.
-    let prev = unsafe { atomic_fetch_add(timeline, delta) };
-    if prev < now {
-        // SAFETY: as above.
-        unsafe { core::ptr::write_volatile(timeline, now + delta) };
-        now
-    } else {
-        prev
-    }
-}
-
-/// # Safety
-/// `dst` must be valid and 8-byte aligned.
-#[inline(always)]
-unsafe fn atomic_fetch_add(dst: *mut u64, val: u64) -> u64 {
-    let mut v = val;
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        core::arch::asm!(
-            "{0} = atomic_fetch_add((u64 *)({1} + 0), {0})",
-            inout(reg) v,
-            in(reg) dst,
-        );
-    }
-    v
-}
-
-/// # Safety
-/// `dst` must be valid and 8-byte aligned.
-#[inline(always)]
-unsafe fn atomic_add(dst: *mut u64, val: u64) {
-    // SAFETY: guaranteed by the caller.
-    unsafe { core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) dst, in(reg) val) };
+    let classes = Classes::read(dir, |i| QL_QOS_ACTIVE.get(i));
+    let entry = QL_QOS_ACTIVE.get_ptr_mut(activity_slot(dir, class));
+    // SAFETY: an array value pointer, 8-byte aligned.
+    unsafe { edt::note_activity(classes, entry, class, len, now, window) }
 }
 
 #[inline(always)]

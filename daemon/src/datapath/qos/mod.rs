@@ -231,7 +231,7 @@ fn table(
     rate_table(node, &demands, dir)
 }
 
-/// Each slot's shaped bytes so far, `[egress, ingress]`, summed over CPUs.
+/// Each slot's bytes so far (shaped and bypassed), `[egress, ingress]`, summed over CPUs.
 fn read_bytes(
     pins: &PinDir,
     slots: impl Iterator<Item = u32>,
@@ -245,7 +245,7 @@ fn read_bytes(
                     .get(&aggregate(slot, dir), 0)
                     .map_err(|e| map_err(STATS_MAP, &e))?
                     .iter()
-                    .map(|s| s.bytes)
+                    .map(|s| s.bytes + s.bypassed)
                     .sum();
             }
             Ok((slot, out))

@@ -1,0 +1,150 @@
+//! The EDT timeline and class-activity arithmetic both datapaths run on the shared maps: the
+//! tc shaper per packet, sk_msg per bypassed message. One implementation, so a pod's bytes
+//! are charged the same way whichever path they take.
+#![allow(
+    clippy::inline_always,
+    reason = "BPF code cannot call out-of-line functions from every program type"
+)]
+
+use crate::qos::{ClassActivity, Classes, CLASSES};
+
+/// Claims `delta` ns of the timeline and returns the departure time. An idle aggregate's
+/// timeline lags behind `now`; it restarts at `now` (racing restarts can lose a few
+/// packets' time, which errs towards sending).
+///
+/// # Safety
+/// `timeline` must be valid and 8-byte aligned.
+#[inline(always)]
+pub unsafe fn claim(timeline: *mut u64, now: u64, delta: u64) -> u64 {
+    // SAFETY: guaranteed by the caller.
+    let prev = unsafe { atomic_fetch_add(timeline, delta) };
+    if prev < now {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(timeline, now + delta) };
+        now
+    } else {
+        prev
+    }
+}
+
+/// Gives `delta` ns back to the timeline (a claim that did not send).
+///
+/// # Safety
+/// `timeline` must be valid and 8-byte aligned.
+#[inline(always)]
+pub unsafe fn hand_back(timeline: *mut u64, delta: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { atomic_add(timeline, delta.wrapping_neg()) };
+}
+
+/// Adds `len` bytes to the class's current window, marks the class competing once that
+/// passes the threshold, and returns what the datapath knows of the direction's classes
+/// (`classes`, as read before), with the pod's own class counted as competing.
+///
+/// # Safety
+/// `activity`, if given, must be valid and 8-byte aligned.
+#[inline(always)]
+pub unsafe fn note_activity(
+    mut classes: Classes,
+    activity: Option<*mut ClassActivity>,
+    class: u32,
+    len: u64,
+    now: u64,
+    window: u64,
+) -> Classes {
+    let own = (class as usize) & (CLASSES - 1);
+    if let Some(p) = activity {
+        // SAFETY: guaranteed by the caller. Window restarts are plain stores: a racing
+        // restart loses at most a few packets' bytes from a count that only decides whether
+        // a class is more than a trickle and roughly how much it uses.
+        unsafe {
+            let a = &mut *p;
+            let since = now.saturating_sub(core::ptr::read_volatile(&raw const a.window_start));
+            if since >= window {
+                let last = if since < 2 * window {
+                    core::ptr::read_volatile(&raw const a.bytes)
+                } else {
+                    0
+                };
+                core::ptr::write_volatile(&raw mut a.last_bytes, last);
+                core::ptr::write_volatile(&raw mut a.window_start, now);
+                core::ptr::write_volatile(&raw mut a.bytes, 0);
+            }
+            let total = atomic_fetch_add(&raw mut a.bytes, len) + len;
+            // Refresh at most twice per window, so busy classes do not store on every packet.
+            if total >= a.threshold && classes.until[own] < now + window / 2 {
+                core::ptr::write_volatile(&raw mut a.active_until, now + window);
+            }
+        }
+    }
+    // A pod's own row assumes its class competes.
+    if classes.until[own] < now + 1 {
+        classes.until[own] = now + 1;
+    }
+    classes
+}
+
+/// BPF's atomic fetch-and-add: the bpfel target has no compare-and-swap, so core's atomics
+/// are not available, while the instruction itself is.
+///
+/// # Safety
+/// `dst` must be valid and 8-byte aligned.
+#[inline(always)]
+pub unsafe fn atomic_fetch_add(dst: *mut u64, val: u64) -> u64 {
+    #[cfg(target_arch = "bpf")]
+    {
+        let mut v = val;
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            core::arch::asm!(
+                "{0} = atomic_fetch_add((u64 *)({1} + 0), {0})",
+                inout(reg) v,
+                in(reg) dst,
+            );
+        }
+        v
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    {
+        // SAFETY: guaranteed by the caller; userspace (tests) has real atomics.
+        unsafe { core::sync::atomic::AtomicU64::from_ptr(dst) }
+            .fetch_add(val, core::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// BPF's atomic add (`lock xadd`, a full barrier on x86).
+///
+/// # Safety
+/// `dst` must be valid and 8-byte aligned.
+#[inline(always)]
+pub unsafe fn atomic_add(dst: *mut u64, val: u64) {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) dst, in(reg) val);
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        atomic_fetch_add(dst, val);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_timeline_restarts_at_now_and_a_busy_one_queues() {
+        let mut t = 0u64;
+        // SAFETY: a local, aligned u64.
+        unsafe {
+            assert_eq!(claim(&raw mut t, 1000, 10), 1000);
+            assert_eq!(t, 1010);
+            assert_eq!(claim(&raw mut t, 1001, 10), 1010);
+            assert_eq!(t, 1020);
+            hand_back(&raw mut t, 10);
+            assert_eq!(t, 1010);
+        }
+    }
+}

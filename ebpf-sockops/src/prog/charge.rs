@@ -1,0 +1,92 @@
+//! Bypassed bytes of shaped pods are charged to the pod's EDT timelines, class activity and
+//! counters exactly as the tc shaper charges packets, so one budget covers both paths. While
+//! a pod keeps to its rate its connections stay on the redirect (a shaped pod keeps its
+//! acceleration); once a timeline runs more than the burst allowance ahead of now, the
+//! connection leaves the bypass for TCP, where pacing and the shaper hold it to the rate.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use quicklane_common::{
+    bypass::SockMeta,
+    edt,
+    qos::{
+        activity_slot, aggregate, effective_rate, transmit_ns, Classes, DIR_EGRESS, DIR_INGRESS,
+    },
+};
+
+use super::maps::{qos_burst_ns, QL_QOS_ACTIVE, QL_QOS_EDT, QL_QOS_PODS, QL_QOS_STATS};
+
+/// One timeline claim, kept to be handed back if the other end's claim fails.
+struct Claim {
+    timeline: *mut u64,
+    delta: u64,
+    aggregate: u32,
+}
+
+/// Charges a message of `size` bytes to the shaped ends of the connection; false if either is
+/// over its rate (nothing stays charged then, and the message must take TCP).
+#[inline(always)]
+pub fn admit(meta: &SockMeta, size: u64) -> bool {
+    if meta.qos_egress == 0 && meta.qos_ingress == 0 {
+        return true;
+    }
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let burst = qos_burst_ns();
+    let Ok(egress) = claim(meta.qos_egress, DIR_EGRESS, size, now, burst) else {
+        return false;
+    };
+    let Ok(ingress) = claim(meta.qos_ingress, DIR_INGRESS, size, now, burst) else {
+        if let Some(c) = egress {
+            // SAFETY: an array value pointer, 8-byte aligned.
+            unsafe { edt::hand_back(c.timeline, c.delta) };
+        }
+        return false;
+    };
+    for c in [egress, ingress].into_iter().flatten() {
+        if let Some(s) = QL_QOS_STATS.get_ptr_mut(c.aggregate) {
+            // SAFETY: per-CPU value, only this CPU writes it while this program runs.
+            unsafe { (*s).bypassed += size };
+        }
+    }
+    true
+}
+
+/// Claims the pod's share of the timeline (`slot_plus_one` 0: that end is not shaped).
+/// `Err` when the departure lies more than `burst` ns ahead: the claim is handed back.
+#[inline(always)]
+fn claim(
+    slot_plus_one: u32,
+    dir: u32,
+    size: u64,
+    now: u64,
+    burst: u64,
+) -> Result<Option<Claim>, ()> {
+    let Some(slot) = slot_plus_one.checked_sub(1) else {
+        return Ok(None);
+    };
+    // A policy lifted since the connection was judged: nothing to charge.
+    let Some(pod) = QL_QOS_PODS.get(slot).filter(|p| p.shaped(dir)) else {
+        return Ok(None);
+    };
+    let classes = Classes::read(dir, |i| QL_QOS_ACTIVE.get(i));
+    let window = classes.window_ns;
+    let entry = QL_QOS_ACTIVE.get_ptr_mut(activity_slot(dir, pod.class));
+    // SAFETY: an array value pointer, 8-byte aligned.
+    let classes = unsafe { edt::note_activity(classes, entry, pod.class, size, now, window) };
+    let delta = transmit_ns(size, effective_rate(pod, dir, classes.mask(now), &classes));
+    let aggregate = aggregate(slot, dir);
+    let Some(timeline) = QL_QOS_EDT.get_ptr_mut(aggregate) else {
+        return Ok(None);
+    };
+    // SAFETY: an array value pointer, 8-byte aligned.
+    let departure = unsafe { edt::claim(timeline, now, delta) };
+    if departure.saturating_sub(now) > burst {
+        // SAFETY: as above.
+        unsafe { edt::hand_back(timeline, delta) };
+        return Err(());
+    }
+    Ok(Some(Claim {
+        timeline,
+        delta,
+        aggregate,
+    }))
+}
