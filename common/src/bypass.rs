@@ -15,6 +15,27 @@ pub const META_F_LEFT: u32 = 16;
 pub const META_F_ELIGIBLE: u32 = 4;
 /// The socket is paced (a QoS-shaped end): its RTT samples refresh the pacing rate.
 pub const META_F_PACED: u32 = 32;
+/// This socket sent at least one message (sk_msg saw it).
+pub const META_F_SENT: u32 = 64;
+
+/// A service (the server's address and port) whose last `IDLE_STREAK` tracked connections
+/// closed without a single message either way is idle: connections that never carry data
+/// gain nothing from the bypass and would pay for a psock each (the kernel allocates it at
+/// establishment and frees it through RCU and a workqueue at close, about a quarter of the
+/// cost of a short connection). New connections to an idle service take the normal path,
+/// except one in `IDLE_PROBE_EVERY`, which is still tracked so a service that starts carrying
+/// data is seen within a few connections and accelerated again.
+pub const IDLE_STREAK: u32 = 8;
+pub const IDLE_PROBE_EVERY: u32 = 16;
+
+/// Key of `QL_SERVICES`: the server's end of a connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub family: u32,
+    pub port: u32,
+    pub ip: [u32; 4],
+}
 
 /// What the bypass knows about one socket it tracks, keyed by the socket's `SockKey`.
 #[repr(C)]
@@ -112,6 +133,7 @@ mod pod {
     unsafe impl aya::Pod for super::RulesState {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Traffic {}
+    unsafe impl aya::Pod for super::ServiceKey {}
 }
 
 const _: () = {
@@ -121,4 +143,5 @@ const _: () = {
     assert!(core::mem::size_of::<RulesState>() == 8);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<Traffic>() == 16);
+    assert!(core::mem::size_of::<ServiceKey>() == 24);
 };

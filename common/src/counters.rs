@@ -49,6 +49,7 @@ pub mod sockops {
         PACING_RELEASED = 22: "pacing_released",
         MSG_QOS_CHARGED = 23: "msg_qos_charged",
         CONN_DEMOTED_QOS = 24: "conn_demoted_over_rate",
+        CONN_IDLE_SERVICE = 25: "conn_skipped_idle_service",
     });
 }
 

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use quicklane_common::{
-    bypass::{FlowKey, ListenerKey, Origin, RulesState, SockMeta, Traffic},
+    bypass::{FlowKey, ListenerKey, Origin, RulesState, ServiceKey, SockMeta, Traffic},
     counters::sockops as c,
     qos::{AddrKey, ClassActivity, QosPod, QosStats, CLASSES, MAX_PODS},
     sock::SockKey,
@@ -31,6 +31,11 @@ pub static QL_ORIGINS: LruHashMap<u64, Origin> = LruHashMap::pinned(65_536, 0);
 
 #[map(name = "QL_LISTENERS")]
 pub static QL_LISTENERS: LruHashMap<ListenerKey, Origin> = LruHashMap::pinned(16_384, 0);
+
+/// Service -> how many of its tracked connections in a row closed idle (see `IDLE_STREAK`).
+/// LRU: services come and go; losing one only means it is learned again.
+#[map(name = "QL_SERVICES")]
+pub static QL_SERVICES: LruHashMap<ServiceKey, u32> = LruHashMap::pinned(16_384, 0);
 
 #[map(name = "QL_CGROUP_RULES")]
 pub static QL_CGROUP_RULES: HashMap<u64, u32> = HashMap::pinned(16_384, 0);

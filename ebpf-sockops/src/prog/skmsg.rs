@@ -5,7 +5,9 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use quicklane_common::{
-    bypass::{FlowKey, SockMeta, Traffic, META_F_ELIGIBLE, META_F_LEAVING, META_F_LOCKED_TCP},
+    bypass::{
+        FlowKey, SockMeta, Traffic, META_F_ELIGIBLE, META_F_LEAVING, META_F_LOCKED_TCP, META_F_SENT,
+    },
     counters::sockops as c,
     sock::SockKey,
 };
@@ -111,6 +113,8 @@ fn eligible_now(key: &SockKey, meta: &mut SockMeta) -> bool {
     let state = rules_state();
     if meta.generation != state.generation || meta.generation == 0 {
         count(c::REEVALUATED, 1);
+        // Generation 0 means this is the socket's first message.
+        meta.flags |= META_F_SENT;
         let peer_key = key.peer();
         let Some(peer) = QL_META.get_ptr_mut(&peer_key) else {
             return false;

@@ -13,15 +13,19 @@ use aya_ebpf::{
 };
 use quicklane_common::{
     bypass::{
-        ListenerKey, Origin, SockMeta, META_F_ACTIVE, META_F_LEAVING, META_F_LEFT, META_F_PACED,
+        ListenerKey, Origin, ServiceKey, SockMeta, IDLE_PROBE_EVERY, IDLE_STREAK, META_F_ACTIVE,
+        META_F_LEAVING, META_F_LEFT, META_F_LOCKED_TCP, META_F_PACED, META_F_SENT,
     },
     counters::sockops as c,
+    sock::SockKey,
     SOCKOPS_F_BYPASS,
 };
 
 use super::{
     key::key_from_ctx,
-    maps::{config_flags, count, rules_state, QL_LISTENERS, QL_META, QL_ORIGINS, QL_SOCKS},
+    maps::{
+        config_flags, count, rules_state, QL_LISTENERS, QL_META, QL_ORIGINS, QL_SERVICES, QL_SOCKS,
+    },
     pacing,
     rules::{current_origin, eligible},
 };
@@ -69,6 +73,11 @@ fn established(ctx: &SockOpsContext, active: bool, bypass: bool) {
 fn on_connect(ctx: &SockOpsContext) {
     // SAFETY: helper on the live sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // A connection to an idle service is decided here, where it costs least: it gets no
+    // origin, which establishment reads as "skip" (see `skipped_at_connect`).
+    if key_from_ctx!(ctx.ops).is_some_and(|key| idle_service(&key, cookie, IDLE_STREAK)) {
+        return;
+    }
     let _ = QL_ORIGINS.insert(&cookie, &current_origin(), 0);
 }
 
@@ -85,26 +94,58 @@ fn on_listen(ctx: &SockOpsContext) {
     let _ = QL_LISTENERS.insert(&listener_key(ctx), &current_origin(), 0);
 }
 
-fn origin(ctx: &SockOpsContext, active: bool) -> Option<Origin> {
+/// `Err(())`: the connection was skipped at connect() (idle service).
+fn origin(ctx: &SockOpsContext, active: bool) -> Result<Option<Origin>, ()> {
     if active {
         // SAFETY: helper on the live sock_ops context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         // SAFETY: the value is copied out before the entry is removed.
-        let found = unsafe { QL_ORIGINS.get(&cookie) }.copied();
+        let Some(found) = unsafe { QL_ORIGINS.get(&cookie) }.copied() else {
+            return if skipped_at_connect(ctx, cookie) {
+                Err(())
+            } else {
+                Ok(None)
+            };
+        };
         let _ = QL_ORIGINS.remove(&cookie);
-        found
+        Ok(Some(found))
     } else {
         // SAFETY: read-only copy of a small value.
-        unsafe { QL_LISTENERS.get(&listener_key(ctx)) }.copied()
+        Ok(unsafe { QL_LISTENERS.get(&listener_key(ctx)) }.copied())
     }
 }
 
+/// A client socket without an origin was skipped at connect() if its service is known and
+/// it is not a probe. (Also true of the odd connection whose origin the LRU evicted, or that
+/// started before the agent: skipping is always safe, it is the normal path.)
+#[inline(always)]
+fn skipped_at_connect(ctx: &SockOpsContext, cookie: u64) -> bool {
+    key_from_ctx!(ctx.ops).is_some_and(|key| idle_service(&key, cookie, 0))
+}
+
 fn on_established(ctx: &SockOpsContext, active: bool, paced: bool) {
+    // The active side is established (and tracked, if local and eligible) before the passive
+    // side sees the final ACK; a server whose client is not tracked has nobody to bypass to.
+    // Checked first: it is the cheapest way out for the server end of every connection the
+    // client end skipped (ineligible, idle service, not local).
+    if !active {
+        if let Some(key) = key_from_ctx!(ctx.ops) {
+            // SAFETY: existence check only.
+            if unsafe { QL_META.get(&key.peer()) }.is_none() {
+                count(c::CONN_PEER_NOT_LOCAL, 1);
+                return;
+            }
+        }
+    }
     // No origin: the listener was opened (or the connect started) before the agent attached,
     // the usual case for servers already running when the agent starts or restarts. The
     // socket is still accelerated, as pod "unknown" (cgroup 0): cgroup include rules cannot
     // admit it, cgroup exclude rules cannot catch it.
-    let origin = origin(ctx, active).unwrap_or_else(|| {
+    let Ok(origin) = origin(ctx, active) else {
+        count(c::CONN_IDLE_SERVICE, 1);
+        return;
+    };
+    let origin = origin.unwrap_or_else(|| {
         count(c::CONN_NO_ORIGIN, 1);
         Origin::default()
     });
@@ -126,13 +167,6 @@ fn on_established(ctx: &SockOpsContext, active: bool, paced: bool) {
     };
     if !eligible(&key, &meta, &rules_state()) {
         count(c::CONN_INELIGIBLE, 1);
-        return;
-    }
-    // The active side is established (and tracked, if local and eligible) before the passive
-    // side sees the final ACK; a server whose client is not tracked has nobody to bypass to.
-    // SAFETY: existence check only.
-    if !active && unsafe { QL_META.get(&key.peer()) }.is_none() {
-        count(c::CONN_PEER_NOT_LOCAL, 1);
         return;
     }
     // Metadata first: sk_msg may run as soon as the socket is in the sockhash.
@@ -170,12 +204,71 @@ fn on_established(ctx: &SockOpsContext, active: bool, paced: bool) {
     }
 }
 
+/// The server's end of a connection, seen from either socket.
+#[inline(always)]
+fn service_of(key: &SockKey, active: bool) -> ServiceKey {
+    if active {
+        ServiceKey {
+            family: key.family,
+            port: key.remote_port,
+            ip: key.remote_ip,
+        }
+    } else {
+        ServiceKey {
+            family: key.family,
+            port: key.local_port,
+            ip: key.local_ip,
+        }
+    }
+}
+
+/// Whether a new client connection to this service skips the bypass: its service's streak of
+/// idle connections is at least `min_streak` (see `IDLE_STREAK`), and it is not a probe. The
+/// client decides for both ends (a server whose client is untracked stays untracked), by the
+/// socket cookie, so connect() and establishment agree.
+#[inline(always)]
+fn idle_service(key: &SockKey, cookie: u64, min_streak: u32) -> bool {
+    // SAFETY: the u32 is copied out at once.
+    let streak = unsafe { QL_SERVICES.get(&service_of(key, true)) }.copied();
+    streak.is_some_and(|s| s >= min_streak) && cookie % u64::from(IDLE_PROBE_EVERY) != 0
+}
+
 fn on_state(ctx: &SockOpsContext) {
     if ctx.arg(1) != BPF_TCP_CLOSE {
         return;
     }
     if let Some(key) = key_from_ctx!(ctx.ops) {
+        if let Some(meta) = QL_META.get_ptr(&key) {
+            // SAFETY: live element of a BPF_F_NO_PREALLOC hash; copied out at once.
+            let meta = unsafe { *meta };
+            if meta.flags & META_F_ACTIVE == 0 {
+                learn_service(&key, &meta);
+            }
+        }
         let _ = QL_META.remove(&key);
+    }
+}
+
+/// At the server's close: was this connection idle (no message either way)? Updates the
+/// service's streak of idle connections; one connection with data ends it.
+#[inline(always)]
+fn learn_service(key: &SockKey, meta: &SockMeta) {
+    let idle = meta.flags & (META_F_SENT | META_F_LOCKED_TCP) == 0 && meta.rx_redirects == 0;
+    let service = service_of(key, false);
+    match QL_SERVICES.get_ptr_mut(&service) {
+        // SAFETY: a hint shared by the service's connections; a lost update only delays the
+        // decision by one connection.
+        Some(streak) => unsafe {
+            *streak = if idle {
+                (*streak).saturating_add(1).min(IDLE_STREAK)
+            } else {
+                0
+            };
+        },
+        None if idle => {
+            let _ = QL_SERVICES.insert(&service, &1, 0);
+        }
+        None => {}
     }
 }
 

@@ -1,0 +1,340 @@
+//! Quick interleaved A/B of the bypass on a simulated node: connect rate, 64 B request/response
+//! latency and 64 KiB stream throughput, pod to pod, without the agent ("base") and with one
+//! or more agent binaries (variants of the datapath), in an order rotated every repetition.
+//!
+//! ```sh
+//! cargo build --release -p quicklane --examples --ignore-rust-version
+//! target/release/examples/bypass_ab --reps 7 --secs 2 --tests connect \
+//!     --arm agent=target/release/quicklane [--arm other=/tmp/quicklane-variant]
+//! ```
+//!
+//! Prints one line per sample and a summary (median, min, max, ratio of medians to base).
+//! Needs root; everything it creates goes with the node.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use quicklane_bench::load::{parse_report, Report};
+use simnode::{Node, Proc};
+
+const CONNECT_PORT: u16 = 5002;
+const RR_PORT: u16 = 5001;
+const STREAM_PORT: u16 = 5003;
+
+struct Args {
+    reps: usize,
+    secs: f64,
+    tests: Vec<String>,
+    /// (name, agent binary); name "base" has none.
+    arms: Vec<(String, Option<PathBuf>)>,
+    loadgen: PathBuf,
+    conns: u32,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        reps: 5,
+        secs: 2.0,
+        tests: vec!["connect".into()],
+        arms: vec![("base".into(), None)],
+        loadgen: std::env::current_exe()?
+            .parent()
+            .and_then(Path::parent)
+            .context("exe dir")?
+            .join("quicklane"),
+        conns: 1,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--reps" => args.reps = val()?.parse()?,
+            "--secs" => args.secs = val()?.parse()?,
+            "--conns" => args.conns = val()?.parse()?,
+            "--tests" => args.tests = val()?.split(',').map(str::to_owned).collect(),
+            "--loadgen" => args.loadgen = val()?.into(),
+            "--no-base" => {
+                args.arms.retain(|(n, _)| n != "base");
+            }
+            "--arm" => {
+                let v = val()?;
+                let (name, exe) = v.split_once('=').context("--arm NAME=EXE")?;
+                args.arms
+                    .push((name.to_owned(), Some(std::fs::canonicalize(exe)?)));
+            }
+            _ => bail!("unknown argument {a}"),
+        }
+    }
+    Ok(args)
+}
+
+fn wait_listening(node: &Node, pod: usize, port: u16) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let out = node
+            .pod(pod)
+            .command("ss")
+            .args(["-Htln", &format!("sport = :{port}")])
+            .output()?;
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("nothing listens on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Agent {
+    proc: Proc,
+}
+
+impl Agent {
+    fn start(node: &Node, exe: &Path, config: &Path) -> Result<Self> {
+        let state = node.run_dir().join("state.json");
+        let _ = std::fs::remove_file(&state);
+        let mut cmd = node.command(exe);
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(node.run_dir().join("agent.log"))?);
+        let proc = node.spawn(&mut cmd)?;
+        let started = Instant::now();
+        loop {
+            let pid = std::fs::read(&state)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["pid"].as_u64());
+            if pid == Some(u64::from(proc.id())) {
+                return Ok(Self { proc });
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!(
+                    "agent not ready; see {}",
+                    node.run_dir().join("agent.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn counters(node: &Node, exe: &Path) -> Result<serde_json::Value> {
+        let out = Command::new(exe)
+            .args(["status", "--json", "--pin-dir"])
+            .arg(node.pin_dir())
+            .arg("--run-dir")
+            .arg(node.run_dir())
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["counters"]["sockops"].clone())
+    }
+
+    fn stop(mut self) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.proc.id().cast_signed());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let status = self.proc.wait_timeout(Duration::from_secs(20))?;
+        if !status.success() {
+            bail!("agent exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+fn cgroup_usage_us(node: &Node) -> Result<u64> {
+    let text = std::fs::read_to_string(node.cgroup_dir().join("cpu.stat"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .context("usage_usec")?
+        .trim()
+        .parse()
+        .map_err(Into::into)
+}
+
+/// The test's figure, and the CPU time the node's cgroup (both pods) used per unit of work
+/// (connect: us per connection; rr: us per transaction; stream: us per MB).
+fn run_test(node: &Node, args: &Args, test: &str) -> Result<(f64, f64)> {
+    let peer = node.pod(1).ipv4();
+    let (port, extra): (u16, Vec<String>) = match test {
+        "connect" => (CONNECT_PORT, vec!["--conns".into(), args.conns.to_string()]),
+        "rr" => (RR_PORT, vec!["--msg-size".into(), "64".into()]),
+        "stream" => (STREAM_PORT, vec!["--msg-size".into(), "65536".into()]),
+        _ => bail!("unknown test {test}"),
+    };
+    let mode = if test == "stream" { "stream" } else { test };
+    let cpu_before = cgroup_usage_us(node)?;
+    let out = node
+        .pod(0)
+        .command(&args.loadgen)
+        .args(["loadgen", "client", "--mode", mode, "--connect"])
+        .arg(format!("{peer}:{port}"))
+        .args(["--duration", &args.secs.to_string()])
+        .args(&extra)
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("loadgen {test} failed: {}", out.status);
+    }
+    let cpu = (cgroup_usage_us(node)? - cpu_before) as f64;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    Ok(match parse_report(line)? {
+        Report::Connect(r) => {
+            if r.errors > 0 {
+                eprintln!("  connect errors: {} ({:?})", r.errors, r.first_error);
+            }
+            (r.connects_per_s, cpu / r.connects as f64)
+        }
+        Report::Rr(r) => (r.p50_us, cpu / r.transactions as f64),
+        Report::Stream(r) => {
+            if !r.checksum_ok {
+                bail!("stream checksum mismatch");
+            }
+            (r.gbit_per_s, cpu / (r.bytes as f64 / 1e6))
+        }
+        Report::Server(_) => bail!("unexpected report"),
+    })
+}
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let med = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        f64::midpoint(s[n / 2 - 1], s[n / 2])
+    };
+    (med, s[0], s[n - 1])
+}
+
+#[allow(clippy::too_many_lines)] // a measurement script, read top to bottom
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    simnode::require_root()?;
+    let node = Node::new(2)?;
+    std::fs::create_dir_all(node.run_dir())?;
+    let config = node.run_dir().join("quicklane.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\npin_dir = {:?}\nrun_dir = {:?}\n\n[bypass]\nenabled = true\ncgroup = {:?}\n\n\
+             [tc]\nenabled = false\n\n[xdp]\nenabled = false\n",
+            node.pin_dir().display().to_string(),
+            node.run_dir().display().to_string(),
+            node.cgroup_dir().display().to_string(),
+        ),
+    )?;
+    let lifetime = "100000";
+    let server = |port: u16, mode: &[&str]| -> Result<Proc> {
+        let mut cmd = node.pod(1).command(&args.loadgen);
+        cmd.args(["loadgen", "server", "--listen", &format!("[::]:{port}")])
+            .args(mode)
+            .args(["--duration", lifetime])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let p = node.pod(1).spawn(&mut cmd)?;
+        wait_listening(&node, 1, port)?;
+        Ok(p)
+    };
+    let _servers = [
+        server(CONNECT_PORT, &["--mode", "connect"])?,
+        server(RR_PORT, &["--mode", "rr", "--msg-size", "64"])?,
+        server(STREAM_PORT, &["--mode", "stream"])?,
+    ];
+    // Warm-up: neighbours, caches.
+    run_test(
+        &node,
+        &Args {
+            secs: 0.3,
+            ..clone_args(&args)
+        },
+        "rr",
+    )?;
+
+    let mut samples: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    let n = args.arms.len();
+    for rep in 0..args.reps {
+        for k in 0..n {
+            // Rotate, and reverse on odd repetitions, so no arm always follows another.
+            let i = if rep % 2 == 0 {
+                (rep + k) % n
+            } else {
+                (rep + n - k) % n
+            };
+            let (name, exe) = &args.arms[i];
+            let agent = match exe {
+                Some(exe) => Some(Agent::start(&node, exe, &config)?),
+                None => None,
+            };
+            for test in &args.tests {
+                let (v, cpu) = run_test(&node, &args, test)?;
+                println!("rep {rep} {name:<12} {test:<8} {v:.2}  cpu {cpu:.3}");
+                samples
+                    .entry((test.clone(), name.clone()))
+                    .or_default()
+                    .push(v);
+                samples
+                    .entry((format!("{test}-cpu"), name.clone()))
+                    .or_default()
+                    .push(cpu);
+            }
+            if let Some(agent) = agent {
+                if let Ok(c) = Agent::counters(&node, &args.loadgen) {
+                    let pick = |k: &str| c[k].as_u64().unwrap_or(0);
+                    println!(
+                        "  counters: sock_ops_calls={} sockhash_inserted={} msg_redirected={} conn_no_origin={}",
+                        pick("sock_ops_calls"),
+                        pick("sockhash_inserted"),
+                        pick("msg_redirected"),
+                        pick("conn_no_origin")
+                    );
+                }
+                agent.stop()?;
+            }
+        }
+    }
+    println!(
+        "\nsummary ({} reps x {} s; connect: conn/s, rr: p50 us, stream: Gbit/s; -cpu: pods' CPU us \
+         per connection / transaction / MB; ratio = median of per-repetition arm/base)",
+        args.reps, args.secs
+    );
+    let metrics: Vec<String> = args
+        .tests
+        .iter()
+        .flat_map(|t| [t.clone(), format!("{t}-cpu")])
+        .collect();
+    for test in &metrics {
+        let base = samples.get(&(test.clone(), "base".into())).cloned();
+        for (name, _) in &args.arms {
+            let v = &samples[&(test.clone(), name.clone())];
+            let (med, min, max) = stats(v);
+            let ratio = base.as_ref().map_or(String::new(), |b| {
+                let per_rep: Vec<f64> = v.iter().zip(b).map(|(x, y)| x / y).collect();
+                let (rm, rmin, rmax) = stats(&per_rep);
+                format!("  ratio {rm:.3}x ({rmin:.3}-{rmax:.3})")
+            });
+            println!(
+                "{test:<12} {name:<12} median {med:>10.3}  min {min:>10.3}  max {max:>10.3}{ratio}"
+            );
+        }
+    }
+    node.teardown()?;
+    Ok(())
+}
+
+fn clone_args(a: &Args) -> Args {
+    Args {
+        reps: a.reps,
+        secs: a.secs,
+        tests: a.tests.clone(),
+        arms: a.arms.clone(),
+        loadgen: a.loadgen.clone(),
+        conns: a.conns,
+    }
+}
