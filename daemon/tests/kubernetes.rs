@@ -314,3 +314,141 @@ fn an_unreachable_api_server_delays_the_pods_not_the_agent() {
     let (code, log) = agent.stop();
     assert!(code.success(), "{log}");
 }
+
+/// A pod network namespace behind a bridge in the node's namespace, as flannel or the bridge
+/// plugin build it: `qlbr0` (10.88.0.1/24) with the pod's host-side veth `qlbv0` as a port.
+/// Removed on drop.
+struct BridgedPod {
+    netns: String,
+}
+
+impl BridgedPod {
+    fn new(node: &Node) -> Self {
+        let netns = format!("qlbr-{}", node.id());
+        let ip = |ns: Option<&str>, args: &[&str]| {
+            let mut cmd = match ns {
+                Some(ns) => {
+                    let mut c = std::process::Command::new("ip");
+                    c.args(["-n", ns]);
+                    c
+                }
+                None => node.command("ip"),
+            };
+            let out = cmd.args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(None, &["netns", "add", &netns]);
+        let this = Self { netns };
+        let ns = Some(this.netns.as_str());
+        ip(None, &["link", "add", "qlbr0", "type", "bridge"]);
+        ip(None, &["addr", "add", "10.88.0.1/24", "dev", "qlbr0"]);
+        ip(None, &["link", "set", "qlbr0", "up"]);
+        ip(
+            None,
+            &[
+                "link", "add", "qlbv0", "type", "veth", "peer", "name", "qlbp0",
+            ],
+        );
+        ip(None, &["link", "set", "qlbp0", "netns", &this.netns]);
+        ip(None, &["link", "set", "qlbv0", "master", "qlbr0", "up"]);
+        ip(ns, &["addr", "add", "10.88.0.2/24", "dev", "qlbp0"]);
+        ip(ns, &["link", "set", "qlbp0", "up"]);
+        ip(ns, &["link", "set", "lo", "up"]);
+        this
+    }
+
+    fn command(&self, program: &str) -> std::process::Command {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns, program]);
+        cmd
+    }
+}
+
+impl Drop for BridgedPod {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+#[test]
+fn a_pod_behind_a_bridge_is_shaped_on_its_bridge_port() {
+    if !privileged("kubernetes pod source test") {
+        return;
+    }
+    let _serial = one_at_a_time();
+    let node = Node::new(1).unwrap();
+    let pod_ns = BridgedPod::new(&node);
+    let api = api_server(&node);
+    api.put_pod(pod(
+        "flannel",
+        "bridged",
+        NODE,
+        &["10.88.0.2"],
+        &[("kubernetes.io/egress-bandwidth", "50M")],
+    ));
+    let agent = Agent::start(&node, &config(&node, &api.url()), false);
+    // Until the pod has talked to the node there is no neighbour entry to find its port by.
+    let why = within_10s("the bridged pod waits for its neighbour entry", || {
+        refused(&node, "flannel/bridged")
+    });
+    assert!(why.contains("neighbour"), "{why}");
+    let pinged = pod_ns
+        .command("ping")
+        .args(["-c", "1", "-W", "2", "10.88.0.1"])
+        .status()
+        .unwrap();
+    assert!(pinged.success());
+    let p = within_10s("the bridged pod is shaped", || {
+        shaped(&node, "flannel/bridged")
+    });
+    assert_eq!(p["interface"], "qlbv0", "{p:#}");
+    assert!(tc_attached_on(&node, "qlbv0"));
+
+    // UDP at twice the limit from the pod to the node: held at the bridge port.
+    let mut server = node.command("iperf3");
+    server
+        .args(["-s", "-1", "-B", "10.88.0.1", "-p", "5301"])
+        .stdout(std::process::Stdio::null());
+    let _server = node.spawn(&mut server).unwrap();
+    within_10s("iperf3 listens in the node", || {
+        let ss = node
+            .command("ss")
+            .args(["-ltnH", "sport = :5301"])
+            .output()
+            .ok()?;
+        (!ss.stdout.is_empty()).then_some(())
+    });
+    let out = pod_ns
+        .command("iperf3")
+        .args([
+            "-c",
+            "10.88.0.1",
+            "-p",
+            "5301",
+            "-u",
+            "-b",
+            "100M",
+            "-t",
+            "3",
+            "-J",
+        ])
+        .output()
+        .unwrap();
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let received = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("iperf3: {json}"));
+    eprintln!(
+        "bridged pod, UDP at 100M into a 50M limit: {:.1} Mbit/s",
+        received / MBIT
+    );
+    assert_within("the bridged pod's egress", received, 50.0 * MBIT, 0.05);
+    let (code, log) = agent.stop();
+    assert!(code.success(), "{log}");
+}
