@@ -6,7 +6,7 @@
     reason = "BPF code cannot call out-of-line functions from every program type"
 )]
 
-use crate::qos::{ClassActivity, Classes, CLASSES};
+use crate::qos::{effective_rate, transmit_ns, ClassActivity, Classes, QosPod, CLASSES};
 
 /// Claims `delta` ns of the timeline and returns the departure time. An idle aggregate's
 /// timeline lags behind `now`; it restarts at `now` (racing restarts can lose a few
@@ -25,6 +25,34 @@ pub unsafe fn claim(timeline: *mut u64, now: u64, delta: u64) -> u64 {
     } else {
         prev
     }
+}
+
+/// Charges `len` bytes of `pod` in direction `dir`: notes them in the class's activity
+/// (`classes` as read, `activity` its entry), and claims their time at the pod's current rate
+/// on `timeline`. Returns (departure time, claimed ns).
+///
+/// # Safety
+/// `timeline` and `activity`, if given, must be valid and 8-byte aligned.
+#[inline(always)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the BPF maps are each object's own"
+)]
+pub unsafe fn charge(
+    pod: &QosPod,
+    dir: u32,
+    len: u64,
+    now: u64,
+    window: u64,
+    classes: Classes,
+    activity: Option<*mut ClassActivity>,
+    timeline: *mut u64,
+) -> (u64, u64) {
+    // SAFETY: guaranteed by the caller.
+    let classes = unsafe { note_activity(classes, activity, pod.class, len, now, window) };
+    let delta = transmit_ns(len, effective_rate(pod, dir, classes.mask(now), &classes));
+    // SAFETY: guaranteed by the caller.
+    (unsafe { claim(timeline, now, delta) }, delta)
 }
 
 /// Gives `delta` ns back to the timeline (a claim that did not send).

@@ -956,7 +956,7 @@ fn api_pods_get_the_shaper_when_they_appear_and_lose_it_when_deleted() {
         }
     };
     let ifname = a.host_ifname();
-    let before = (root_qdisc(&node, ifname), tc_pins(&node, ifname));
+    let before = (root_qdisc(&node, ifname), support::tc_pins(&node, ifname));
     let (v4, v6) = (a.ipv4().to_string(), a.ipv6().to_string());
     api.put_pod(support::apiserver::pod(
         "shop",
@@ -966,11 +966,11 @@ fn api_pods_get_the_shaper_when_they_appear_and_lose_it_when_deleted() {
         &[("kubernetes.io/ingress-bandwidth", "8M")],
     ));
     let shaped = wait_for(|| !status_pods(&node).is_empty());
-    let added = (root_qdisc(&node, ifname), tc_pins(&node, ifname));
+    let added = (root_qdisc(&node, ifname), support::tc_pins(&node, ifname));
     let udp = iperf3_rate(a, b, 7101, &["-u", "-b", "16M", "-l", "1000"]);
     api.delete_pod("shop", "web");
     let unshaped = wait_for(|| status_pods(&node).is_empty());
-    let deleted = (root_qdisc(&node, ifname), tc_pins(&node, ifname));
+    let deleted = (root_qdisc(&node, ifname), support::tc_pins(&node, ifname));
     agent.stop();
     node.teardown().unwrap();
     let ours = |q: &str| q.contains("716c:");
@@ -999,17 +999,6 @@ fn api_pods_get_the_shaper_when_they_appear_and_lose_it_when_deleted() {
         Err(problems.join("; "))
     };
     conclude(QOS, API_POD, "kubernetes pod source", result);
-}
-
-/// Pinned tc attachments on `ifname`.
-fn tc_pins(node: &Node, ifname: &str) -> usize {
-    support::links(&status(node))
-        .iter()
-        .filter(|(pin, _, _)| {
-            pin.starts_with(&format!("tc-egress-{ifname}-"))
-                || pin.starts_with(&format!("tc-ingress-{ifname}-"))
-        })
-        .count()
 }
 
 fn status_pods(node: &Node) -> Vec<Value> {

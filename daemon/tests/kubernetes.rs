@@ -10,7 +10,7 @@ use serde_json::Value;
 use simnode::{Node, Pod};
 use support::{
     apiserver::{pod, ApiServer},
-    iperf::{assert_within, iperf, iperf_server, MBIT},
+    iperf::{assert_within, iperf, iperf_server, one_at_a_time, MBIT},
     status, write_config, Agent,
 };
 
@@ -18,15 +18,6 @@ const NODE: &str = "node-a";
 
 fn privileged(test: &str) -> bool {
     simnode::privileged_or_skip(test)
-}
-
-/// The tests measure rates on a 2-CPU machine: one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A fake API server reachable from the agent, which runs in the node's namespace.
@@ -85,12 +76,6 @@ fn within_10s<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn tc_attached_on(node: &Node, ifname: &str) -> bool {
-    support::links(&status(node))
-        .iter()
-        .any(|(pin, _, _)| pin.starts_with(&format!("tc-egress-{ifname}-")))
 }
 
 /// The node's pods as the API server lists them at start: `web` (pod 0) limited to 100M;
@@ -183,7 +168,7 @@ fn api_pods_are_shaped_by_their_annotations_and_followed_live() {
     );
     let why = refused(&node, "kube-system/proxy").expect("hostNetwork is refused");
     assert!(why.contains("hostNetwork"), "{why}");
-    assert!(tc_attached_on(&node, web.host_ifname()));
+    assert_eq!(support::tc_pins(&node, web.host_ifname()), 2);
 
     let _server = iperf_server(sink, 5201);
     let m = measure(web, sink);
@@ -234,7 +219,7 @@ fn api_pods_are_shaped_by_their_annotations_and_followed_live() {
     within_10s("shop/web gone", || {
         shaped(&node, "shop/web").is_none().then_some(())
     });
-    assert!(!tc_attached_on(&node, web.host_ifname()));
+    assert_eq!(support::tc_pins(&node, web.host_ifname()), 0);
     let m = measure(web, sink);
     assert!(
         m.bits_per_sec > 400.0 * MBIT,
@@ -408,7 +393,7 @@ fn a_pod_behind_a_bridge_is_shaped_on_its_bridge_port() {
         shaped(&node, "flannel/bridged")
     });
     assert_eq!(p["interface"], "qlbv0", "{p:#}");
-    assert!(tc_attached_on(&node, "qlbv0"));
+    assert_eq!(support::tc_pins(&node, "qlbv0"), 2);
 
     // UDP at twice the limit from the pod to the node: held at the bridge port.
     let mut server = node.command("iperf3");

@@ -9,22 +9,14 @@ use serde_json::Value;
 use simnode::{Node, Pod, Proc};
 use support::{
     counter,
-    iperf::{assert_within, iperf, iperf_server, iperf_spawn, measured, Measured, MBIT},
+    iperf::{
+        assert_within, iperf, iperf_server, iperf_spawn, measured, one_at_a_time, Measured, MBIT,
+    },
     status, write_config, Agent,
 };
 
 fn privileged(test: &str) -> bool {
     simnode::privileged_or_skip(test)
-}
-
-/// The tests measure rates on a 2-CPU machine: one at a time, or they measure each other.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    // A failed test poisons the lock; the next one still runs alone.
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// `[[qos.pods]]` for `pod` with its annotations.

@@ -6,6 +6,17 @@ use simnode::{Pod, Proc};
 
 pub const MBIT: f64 = 1e6;
 
+/// Rate tests run on a 2-CPU machine: one at a time within a test binary, or they measure
+/// each other.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    // A failed test poisons the lock; the next one still runs alone.
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// An iperf3 server in `pod`, killed when the guard drops.
 pub fn iperf_server(pod: &Pod, port: u16) -> Proc {
     let mut cmd = pod.command("iperf3");

@@ -159,6 +159,17 @@ pub fn links(status: &Value) -> Vec<(String, u64, u64)> {
         .collect()
 }
 
+/// Pinned tc attachments (either direction) on `ifname`, from a status.
+pub fn tc_pins(node: &Node, ifname: &str) -> usize {
+    links(&status(node))
+        .iter()
+        .filter(|(pin, _, _)| {
+            pin.starts_with(&format!("tc-egress-{ifname}-"))
+                || pin.starts_with(&format!("tc-ingress-{ifname}-"))
+        })
+        .count()
+}
+
 /// A load generator server in `pod`, ready (listening) when this returns.
 pub fn server(pod: &Pod, mode: &str, port: u16, secs: u32, extra: &[&str]) -> Proc {
     let mut cmd = pod.command(QUICKLANE);

@@ -7,9 +7,7 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use quicklane_common::{
     bypass::SockMeta,
     edt,
-    qos::{
-        activity_slot, aggregate, effective_rate, transmit_ns, Classes, DIR_EGRESS, DIR_INGRESS,
-    },
+    qos::{activity_slot, aggregate, Classes, DIR_EGRESS, DIR_INGRESS},
 };
 
 use super::maps::{qos_burst_ns, QL_QOS_ACTIVE, QL_QOS_EDT, QL_QOS_PODS, QL_QOS_STATS};
@@ -67,18 +65,17 @@ fn claim(
     let Some(pod) = QL_QOS_PODS.get(slot).filter(|p| p.shaped(dir)) else {
         return Ok(None);
     };
-    let classes = Classes::read(dir, |i| QL_QOS_ACTIVE.get(i));
-    let window = classes.window_ns;
-    let entry = QL_QOS_ACTIVE.get_ptr_mut(activity_slot(dir, pod.class));
-    // SAFETY: an array value pointer, 8-byte aligned.
-    let classes = unsafe { edt::note_activity(classes, entry, pod.class, size, now, window) };
-    let delta = transmit_ns(size, effective_rate(pod, dir, classes.mask(now), &classes));
     let aggregate = aggregate(slot, dir);
     let Some(timeline) = QL_QOS_EDT.get_ptr_mut(aggregate) else {
         return Ok(None);
     };
-    // SAFETY: an array value pointer, 8-byte aligned.
-    let departure = unsafe { edt::claim(timeline, now, delta) };
+    let classes = Classes::read(dir, |i| QL_QOS_ACTIVE.get(i));
+    let activity = QL_QOS_ACTIVE.get_ptr_mut(activity_slot(dir, pod.class));
+    // The window as userspace wrote it next to the classes (sk_msg has no tc config).
+    let window = classes.window_ns;
+    // SAFETY: array value pointers, 8-byte aligned.
+    let (departure, delta) =
+        unsafe { edt::charge(pod, dir, size, now, window, classes, activity, timeline) };
     if departure.saturating_sub(now) > burst {
         // SAFETY: as above.
         unsafe { edt::hand_back(timeline, delta) };

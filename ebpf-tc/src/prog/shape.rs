@@ -11,10 +11,7 @@ use aya_ebpf::{
 use quicklane_common::{
     counters::tc as c,
     edt,
-    qos::{
-        activity_slot, aggregate, effective_rate, transmit_ns, verdict, Classes, QosStats, Verdict,
-        QOS_F_ENABLED, QOS_F_FQ,
-    },
+    qos::{activity_slot, aggregate, verdict, Classes, QosStats, Verdict, QOS_F_ENABLED, QOS_F_FQ},
 };
 
 /// `BPF_SKB_TSTAMP_DELIVERY_MONO` (renamed `BPF_SKB_CLOCK_MONOTONIC` in 6.11, same value).
@@ -45,12 +42,23 @@ pub fn shape(ctx: &TcContext, dir: u32) -> Option<i32> {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let len = u64::from(ctx.len());
-    let classes = note_activity(dir, pod.class, len, now, cfg.active_window_ns);
-    let delta = transmit_ns(len, effective_rate(pod, dir, classes.mask(now), &classes));
     let agg = aggregate(slot, dir);
     let timeline = QL_QOS_EDT.get_ptr_mut(agg)?;
-    // SAFETY: array value pointer, 8-byte aligned.
-    let departure = unsafe { edt::claim(timeline, now, delta) };
+    let classes = Classes::read(dir, |i| QL_QOS_ACTIVE.get(i));
+    let activity = QL_QOS_ACTIVE.get_ptr_mut(activity_slot(dir, pod.class));
+    // SAFETY: array value pointers, 8-byte aligned.
+    let (departure, delta) = unsafe {
+        edt::charge(
+            pod,
+            dir,
+            len,
+            now,
+            cfg.active_window_ns,
+            classes,
+            activity,
+            timeline,
+        )
+    };
     let late = departure.saturating_sub(now);
     let stats = QL_QOS_STATS.get_ptr_mut(agg);
     count(c::QOS_SHAPED, 1);
@@ -145,15 +153,6 @@ fn pure_tcp_ack(ctx: &TcContext) -> bool {
         return false;
     };
     ip_payload <= usize::from(offset >> 4) * 4
-}
-
-/// The direction's classes with this packet's bytes noted (see `edt::note_activity`).
-#[inline(always)]
-fn note_activity(dir: u32, class: u32, len: u64, now: u64, window: u64) -> Classes {
-    let classes = Classes::read(dir, |i| QL_QOS_ACTIVE.get(i));
-    let entry = QL_QOS_ACTIVE.get_ptr_mut(activity_slot(dir, class));
-    // SAFETY: an array value pointer, 8-byte aligned.
-    unsafe { edt::note_activity(classes, entry, class, len, now, window) }
 }
 
 #[inline(always)]

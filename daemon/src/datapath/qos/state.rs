@@ -65,7 +65,6 @@ pub struct QosState {
     node: NodePolicy,
     window_ms: u32,
     config_pods: Vec<SourcePod>,
-    source_pods: Vec<SourcePod>,
     /// Refused by the source before they got here (bad annotations and the like).
     source_refused: Vec<RefusedPod>,
     pods: Vec<SlottedPod>,
@@ -97,7 +96,6 @@ impl QosState {
             node: policy.node,
             window_ms: config.qos.active_window_ms,
             config_pods: policy.pods,
-            source_pods: Vec::new(),
             source_refused: Vec::new(),
             pods: Vec::new(),
             slot_ifindex: BTreeMap::new(),
@@ -125,7 +123,13 @@ impl QosState {
     pub fn reload(&mut self, pins: &PinDir, config: &Config) -> Result<(), DatapathError> {
         let policy = policy_of(config)?;
         let previous = std::mem::replace(&mut self.config_pods, policy.pods);
-        let source = self.source_pods.clone();
+        // The API's pods as placed now, kept through the reload.
+        let source: Vec<SourcePod> = self
+            .pods
+            .iter()
+            .filter(|p| p.source == PodSource::Kubernetes)
+            .map(|p| (p.config.clone(), p.policy))
+            .collect();
         let refused = match self.place(pins, source) {
             Ok(refused) => refused,
             Err(e) => {
@@ -193,7 +197,6 @@ impl QosState {
         let mut refused = Vec::new();
         let mut next = Vec::new();
         let mut taken: BTreeSet<u32> = BTreeSet::new();
-        let mut kept_source = Vec::new();
         let wanted: Vec<_> = self
             .config_pods
             .iter()
@@ -210,9 +213,6 @@ impl QosState {
                 (Ok((slot, ifindex)), _) => {
                     taken.insert(slot);
                     self.slot_ifindex.insert(slot, ifindex);
-                    if from == PodSource::Kubernetes {
-                        kept_source.push((config.clone(), policy));
-                    }
                     next.push(SlottedPod {
                         slot,
                         source: from,
@@ -227,7 +227,6 @@ impl QosState {
                 }),
             }
         }
-        self.source_pods = kept_source;
         self.pods = next;
         Ok(refused)
     }
