@@ -231,9 +231,14 @@ fn rr_with_multi_segment_messages_v6() {
     rr_latencies_are_sane(V6, (64 << 10) + 1);
 }
 
-fn connect_rate(listen: &str) {
-    let (addr, server) = start_server(listen, Service::Connect, Duration::from_secs(1), None);
-    let report = client::connect(&client_opts(addr, 2, 300), 200_000).unwrap();
+fn connect_rate(listen: &str, hello: bool) {
+    let (addr, server) = start_server(
+        listen,
+        Service::Connect { hello },
+        Duration::from_secs(1),
+        None,
+    );
+    let report = client::connect(&client_opts(addr, 2, 300), 200_000, hello).unwrap();
     let server = server.join().unwrap().unwrap();
 
     assert!(
@@ -245,6 +250,7 @@ fn connect_rate(listen: &str) {
         "{report:?}"
     );
     assert_eq!(report.threads, 2);
+    assert_eq!(report.errors, 0, "{report:?}");
     assert!(
         server.conns > 0 && server.connections.is_empty(),
         "{server:?}"
@@ -253,19 +259,42 @@ fn connect_rate(listen: &str) {
 
 #[test]
 fn connect_rate_v4() {
-    connect_rate(V4);
+    connect_rate(V4, false);
 }
 
 #[test]
 fn connect_rate_v6() {
-    connect_rate(V6);
+    connect_rate(V6, false);
+}
+
+#[test]
+fn connect_rate_with_hellos_v4() {
+    connect_rate(V4, true);
+}
+
+#[test]
+fn a_hello_nobody_answers_is_an_error() {
+    let (addr, server) = start_server(
+        V4,
+        Service::Connect { hello: false },
+        Duration::from_secs(1),
+        None,
+    );
+    let err = client::connect(&client_opts(addr, 1, 300), 10, true).unwrap_err();
+    assert!(err.to_string().contains("exchanging a hello with"), "{err}");
+    server.join().unwrap().unwrap();
 }
 
 #[test]
 fn connect_mode_stops_at_max_connects() {
-    let (addr, server) = start_server(V4, Service::Connect, Duration::from_secs(1), None);
+    let (addr, server) = start_server(
+        V4,
+        Service::Connect { hello: false },
+        Duration::from_secs(1),
+        None,
+    );
     let started = Instant::now();
-    let report = client::connect(&client_opts(addr, 3, 20_000), 50).unwrap();
+    let report = client::connect(&client_opts(addr, 3, 20_000), 50, false).unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(report.connects + report.errors, 50, "{report:?}");
     server.join().unwrap().unwrap();

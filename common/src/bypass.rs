@@ -28,6 +28,56 @@ pub const META_F_SENT: u32 = 64;
 pub const IDLE_STREAK: u32 = 8;
 pub const IDLE_PROBE_EVERY: u32 = 16;
 
+/// When an unanswered stream moves from the redirect to TCP. A redirect costs one queued
+/// message, one reader wakeup and the reader's socket lock per message: TCP beats it on
+/// streams of small messages (it batches many writes into one segment and one wakeup), on
+/// streams of large ones (the writer waits for the reader's lock while the reader copies,
+/// where TCP queues to the socket backlog and pipelines), and over loopback at every size.
+/// Request/response stays: each answer starts a new window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamPolicy {
+    /// A window averaging below this many bytes per message is a small-message stream.
+    pub small_bytes: u32,
+    /// A window averaging at least this many bytes per message is a large-message stream
+    /// (0: never).
+    pub large_bytes: u32,
+    /// Messages per window.
+    pub streak: u32,
+    /// Every loopback stream moves to TCP.
+    pub loopback: bool,
+}
+
+/// Why a stream moved to TCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    Small,
+    Large,
+    Loopback,
+}
+
+impl StreamPolicy {
+    /// Judges a window of `msgs` unanswered messages totalling `bytes` (a saturated count
+    /// reads as large). `None` before the window is full, and for a stream the redirect
+    /// carries better (the caller starts a new window). By the average, not message by
+    /// message: the kernel may split one write into messages of any size.
+    #[must_use]
+    pub const fn judge(&self, msgs: u32, bytes: u32, loopback: bool) -> Option<StreamKind> {
+        if msgs < self.streak {
+            return None;
+        }
+        let (msgs, bytes) = (msgs as u64, bytes as u64);
+        if bytes < self.small_bytes as u64 * msgs {
+            Some(StreamKind::Small)
+        } else if self.loopback && loopback {
+            Some(StreamKind::Loopback)
+        } else if self.large_bytes != 0 && bytes >= self.large_bytes as u64 * msgs {
+            Some(StreamKind::Large)
+        } else {
+            None
+        }
+    }
+}
+
 /// Key of `QL_SERVICES`: the server's end of a connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -51,14 +101,16 @@ pub struct SockMeta {
     /// which is when the peer's metadata can be read.
     pub generation: u32,
     pub flags: u32,
-    /// Messages sent since the peer last sent one; the peer's sk_msg resets it.
+    /// Messages sent since the peer last sent one, or since the last stream judgement; the
+    /// peer's sk_msg resets it.
     pub unanswered: u32,
     /// QoS slot + 1 of the local pod when its egress is shaped (0: not shaped); set with
     /// `generation`. Redirected bytes are charged to that pod's timeline.
     pub qos_egress: u32,
     /// QoS slot + 1 of the peer pod when its ingress is shaped (0: not shaped).
     pub qos_ingress: u32,
-    pub pad: u32,
+    /// Bytes of the `unanswered` messages (saturating).
+    pub unanswered_bytes: u32,
     /// Messages the peer redirected into this socket (atomically incremented by the peer
     /// before it checks `META_F_LEAVING`): nonzero means our redirect queue may hold bytes,
     /// and leaving the sockhash would drop them. 64-bit: BPF atomics are 64-bit here.
@@ -145,3 +197,43 @@ const _: () = {
     assert!(core::mem::size_of::<Traffic>() == 16);
     assert!(core::mem::size_of::<ServiceKey>() == 24);
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: StreamPolicy = StreamPolicy {
+        small_bytes: 4096,
+        large_bytes: 32768,
+        streak: 32,
+        loopback: true,
+    };
+
+    #[test]
+    fn streams_are_judged_by_window_average_and_path() {
+        use StreamKind::*;
+        let judge = |size: u32, loopback| POLICY.judge(32, size * 32, loopback);
+        assert_eq!(POLICY.judge(31, 31, false), None, "window not full");
+        assert_eq!(judge(64, false), Some(Small));
+        assert_eq!(judge(64, true), Some(Small));
+        assert_eq!(judge(4095, false), Some(Small));
+        assert_eq!(judge(4096, false), None);
+        assert_eq!(judge(32767, false), None);
+        assert_eq!(judge(32768, false), Some(Large));
+        assert_eq!(judge(4096, true), Some(Loopback));
+        assert_eq!(judge(1 << 20, true), Some(Loopback));
+        // A saturated byte count is a large stream, not an overflow.
+        assert_eq!(POLICY.judge(32, u32::MAX, false), Some(Large));
+        // One write split into pieces of several sizes still averages out large.
+        assert_eq!(POLICY.judge(32, 20 * 65536 + 12 * 8192, false), Some(Large));
+        let off = StreamPolicy {
+            small_bytes: 0,
+            large_bytes: 0,
+            streak: 32,
+            loopback: false,
+        };
+        for size in [1, 4096, 1 << 20] {
+            assert_eq!(off.judge(32, size * 32, true), None);
+        }
+    }
+}

@@ -50,6 +50,8 @@ pub mod sockops {
         MSG_QOS_CHARGED = 23: "msg_qos_charged",
         CONN_DEMOTED_QOS = 24: "conn_demoted_over_rate",
         CONN_IDLE_SERVICE = 25: "conn_skipped_idle_service",
+        CONN_DEMOTED_LARGE = 26: "conn_demoted_large_msgs",
+        CONN_DEMOTED_LOOPBACK = 27: "conn_demoted_loopback_stream",
     });
 }
 

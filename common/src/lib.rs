@@ -14,7 +14,7 @@ pub mod sock;
 
 /// Bumped whenever a shared layout or a load-time global changes meaning, so a daemon never
 /// adopts pins written by an incompatible datapath.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Load-time settings of the sock_ops/sk_msg object (`QL_SOCKOPS_CONFIG` global).
 #[repr(C)]
@@ -23,15 +23,17 @@ pub struct SockopsConfig {
     pub abi_version: u32,
     /// `SOCKOPS_F_*` bits.
     pub flags: u32,
-    /// Messages below this size count towards a small-message stream (0: never demote).
+    /// Messages below this size count towards a stream that TCP carries better (0: none).
     pub small_msg_bytes: u32,
-    /// After this many consecutive small messages with no message from the peer in between,
-    /// the sending direction moves to the normal TCP path, where segments batch them.
-    pub small_msg_streak: u32,
+    /// After this many consecutive messages that TCP carries better (see the `*_msg_bytes`
+    /// bounds and `SOCKOPS_F_LOOPBACK_STREAMS_TCP`) with no message from the peer in between,
+    /// the sending direction moves to the normal TCP path.
+    pub stream_streak: u32,
     /// How far ahead of now a shaped pod's timeline may run with bypassed bytes before its
     /// connection leaves the bypass for the paced, shaped TCP path (ns).
     pub qos_burst_ns: u32,
-    pub pad: u32,
+    /// Messages of at least this size count towards such a stream too (0: none).
+    pub large_msg_bytes: u32,
 }
 
 /// Record established sockets in the sockhash and redirect messages between same-node peers.
@@ -42,6 +44,8 @@ pub const SOCKOPS_F_BYPASS: u32 = 1;
 pub const SOCKOPS_F_CGROUP_ORIGIN: u32 = 2;
 /// Pace TCP sockets of shaped pods (`SO_MAX_PACING_RATE`) from the QoS rate tables.
 pub const SOCKOPS_F_PACING: u32 = 4;
+/// Over loopback, unanswered streams of any message size move to TCP (see `stream_streak`).
+pub const SOCKOPS_F_LOOPBACK_STREAMS_TCP: u32 = 8;
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), Copy, no padding (asserted below).

@@ -33,6 +33,20 @@ impl SockKey {
             remote_port: self.local_port,
         }
     }
+
+    /// Whether the connection runs over the loopback device: both ends on one address (a pod
+    /// talking to itself, e.g. to its sidecar), or a 127/8 or `::1` peer.
+    #[must_use]
+    pub const fn is_loopback(&self) -> bool {
+        let r = self.remote_ip;
+        let l = self.local_ip;
+        let same = r[0] == l[0] && r[1] == l[1] && r[2] == l[2] && r[3] == l[3];
+        same || if self.family == AF_INET {
+            u32::from_be(r[0]) >> 24 == 127
+        } else {
+            r[0] == 0 && r[1] == 0 && r[2] == 0 && r[3] == u32::to_be(1)
+        }
+    }
 }
 
 /// Normalises an IPv6 address as carried in `bpf_sock_ops` (four network-order words) into the
@@ -70,6 +84,46 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(family: u32, local: [u32; 4], remote: [u32; 4]) -> SockKey {
+        SockKey {
+            family,
+            local_ip: local,
+            remote_ip: remote,
+            local_port: 40000,
+            remote_port: 80,
+        }
+    }
+
+    fn v4(a: [u8; 4]) -> [u32; 4] {
+        [u32::from_ne_bytes(a), 0, 0, 0]
+    }
+
+    fn v6(a: core::net::Ipv6Addr) -> [u32; 4] {
+        let o = a.octets();
+        core::array::from_fn(|i| {
+            u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+        })
+    }
+
+    #[test]
+    fn loopback_is_lo_addresses_or_one_address_at_both_ends() {
+        let lo6: core::net::Ipv6Addr = "::1".parse().unwrap();
+        let pod6: core::net::Ipv6Addr = "fd77::1:2".parse().unwrap();
+        let other6: core::net::Ipv6Addr = "fd77::1:3".parse().unwrap();
+        assert!(key(AF_INET, v4([127, 0, 0, 1]), v4([127, 0, 0, 1])).is_loopback());
+        assert!(key(AF_INET, v4([127, 0, 0, 1]), v4([127, 3, 0, 9])).is_loopback());
+        assert!(key(AF_INET, v4([10, 77, 1, 2]), v4([10, 77, 1, 2])).is_loopback());
+        assert!(key(AF_INET6, v6(lo6), v6(lo6)).is_loopback());
+        assert!(key(AF_INET6, v6(pod6), v6(pod6)).is_loopback());
+        assert!(!key(AF_INET, v4([10, 77, 1, 2]), v4([10, 77, 1, 3])).is_loopback());
+        // 128.0.0.0 and 1.0.0.127 differ from 127/8 only in byte order.
+        assert!(!key(AF_INET, v4([10, 77, 1, 2]), v4([1, 0, 0, 127])).is_loopback());
+        assert!(!key(AF_INET, v4([10, 77, 1, 2]), v4([128, 0, 0, 0])).is_loopback());
+        assert!(!key(AF_INET6, v6(pod6), v6(other6)).is_loopback());
+        // ::1 as IPv4 words would be 0.0.0.0 / 0.0.0.1: not loopback by the v6 rule.
+        assert!(!key(AF_INET, v4([10, 0, 0, 1]), [0, 0, 0, u32::to_be(1)]).is_loopback());
+    }
 
     #[test]
     fn v4_mapped_becomes_ipv4() {

@@ -16,7 +16,7 @@ fn privileged(test: &str) -> bool {
     simnode::privileged_or_skip(test)
 }
 
-fn redirected(node: &Node) -> u64 {
+fn redirected_bytes(node: &Node) -> u64 {
     counter(&status(node), "sockops", "bytes_redirected")
 }
 
@@ -38,6 +38,10 @@ fn node_with_agent(pods: usize, extra: &str) -> (Node, Agent) {
     (node, agent)
 }
 
+/// Config that keeps unanswered streams of every size on the redirect.
+const STREAMS_STAY: &str =
+    "small_msg_bytes = 0\nlarge_msg_bytes = 0\nloopback_streams_tcp = false\n";
+
 fn finish(node: Node, agent: Agent) {
     let (exit, log) = agent.stop();
     assert!(exit.success(), "agent: {log}");
@@ -49,10 +53,11 @@ fn random_sizes_over_many_connections_arrive_byte_exact_both_ways() {
     if !privileged("bypass integrity") {
         return;
     }
-    let (node, agent) = node_with_agent(2, "");
+    // Streams stay on the redirect here, so every byte of every size crosses it.
+    let (node, agent) = node_with_agent(2, STREAMS_STAY);
     let (a, b) = (node.pod(0), node.pod(1));
     let _stream = server(b, "stream", 6001, 30, &[]);
-    let before = redirected(&node);
+    let before = redirected_bytes(&node);
     let target = format!("{}:6001", b.ipv4());
     let report = client(
         a,
@@ -63,7 +68,7 @@ fn random_sizes_over_many_connections_arrive_byte_exact_both_ways() {
     );
     let sent = assert_stream_ok(&report);
     assert!(
-        redirected(&node) - before >= sent,
+        redirected_bytes(&node) - before >= sent,
         "every stream byte must have been bypassed"
     );
     // Echo: responses are compared byte for byte with the request, so both directions count.
@@ -121,10 +126,10 @@ fn every_address_family_and_bind_style_is_bypassed() {
         .stdout(std::process::Stdio::piped());
         let mut srv = b.spawn(&mut cmd).unwrap();
         wait_listening(&mut srv);
-        let before = redirected(&node);
+        let before = redirected_bytes(&node);
         let sent = assert_stream_ok(&client(a, &target, "stream", 1, &["--msg-size", "4096"]));
         assert!(
-            redirected(&node) - before >= sent,
+            redirected_bytes(&node) - before >= sent,
             "{listen} <- {target} not bypassed"
         );
     }
@@ -138,12 +143,119 @@ fn loopback_inside_one_pod_is_bypassed() {
     }
     let (node, agent) = node_with_agent(1, "");
     let a = node.pod(0);
-    let _srv = server(a, "stream", 6301, 20, &[]);
-    for target in ["127.0.0.1:6301", "[::1]:6301"] {
-        let before = redirected(&node);
-        let sent = assert_stream_ok(&client(a, target, "stream", 1, &["--msg-size", "65536"]));
-        assert!(redirected(&node) - before >= sent, "{target} not bypassed");
+    let _echo = server(a, "rr", 6301, 20, &["--msg-size", "65536"]);
+    let _sink = server(a, "stream", 6302, 20, &[]);
+    for host in ["127.0.0.1", "[::1]"] {
+        // Request/response stays on the redirect, both directions of every transaction.
+        let before = status(&node);
+        let rr = client(
+            a,
+            &format!("{host}:6301"),
+            "rr",
+            1,
+            &["--msg-size", "65536"],
+        );
+        assert_rr_ok(&rr);
+        let after = status(&node);
+        let delta =
+            |name: &str| counter(&after, "sockops", name) - counter(&before, "sockops", name);
+        assert!(
+            delta("msg_redirected") >= 2 * rr["transactions"].as_u64().unwrap(),
+            "{host}: {after:#}"
+        );
+        assert_eq!(delta("conn_locked_tcp"), 0, "{host}: {after:#}");
+
+        // A stream over loopback moves to TCP after its streak, byte-exact, and its writer
+        // leaves the sockhash.
+        let before = status(&node);
+        let sent = assert_stream_ok(&client(
+            a,
+            &format!("{host}:6302"),
+            "stream",
+            1,
+            &["--msg-size", "16384"],
+        ));
+        let after = status(&node);
+        let delta =
+            |name: &str| counter(&after, "sockops", name) - counter(&before, "sockops", name);
+        assert_eq!(
+            delta("conn_demoted_loopback_stream"),
+            1,
+            "{host}: {after:#}"
+        );
+        let redirected = delta("bytes_redirected");
+        assert!(
+            redirected > 0 && redirected <= 32 * 16384 + 64,
+            "{host}: only the streak went by redirect ({redirected} of {sent} bytes)"
+        );
+        eventually("the loopback writer left the sockhash", || {
+            counter(&status(&node), "sockops", "sockhash_left")
+                > counter(&before, "sockops", "sockhash_left")
+        });
     }
+    finish(node, agent);
+}
+
+#[test]
+fn large_message_streams_move_to_tcp_mid_stream_byte_exact() {
+    if !privileged("bypass large messages") {
+        return;
+    }
+    let (node, agent) = node_with_agent(2, "");
+    let (a, b) = (node.pod(0), node.pod(1));
+    let _sink = server(b, "stream", 6351, 30, &[]);
+    let _echo = server(b, "rr", 6352, 30, &["--msg-size", "65536"]);
+    let target = format!("{}:6351", b.ipv4());
+
+    // Random sizes from 1 B to 1 MiB: each stream switches path mid-way, in both directions
+    // of whatever the kernel splits, and still arrives byte-exact.
+    let before = status(&node);
+    let report = client(
+        a,
+        &target,
+        "stream",
+        2,
+        &["--conns", "8", "--random-sizes", "1:1048576"],
+    );
+    let sent = assert_stream_ok(&report);
+    let after = status(&node);
+    let delta = |name: &str| counter(&after, "sockops", name) - counter(&before, "sockops", name);
+    assert_eq!(
+        delta("conn_demoted_large_msgs") + delta("conn_demoted_small_msgs"),
+        8,
+        "{after:#}"
+    );
+    assert!(delta("conn_demoted_large_msgs") >= 1, "{after:#}");
+    let redirected = delta("bytes_redirected");
+    assert!(
+        redirected > 0 && redirected < sent,
+        "the first messages went by redirect, the rest by TCP ({redirected} of {sent} bytes)"
+    );
+
+    // Between the bounds a stream stays on the redirect.
+    let before = redirected_bytes(&node);
+    let sent = assert_stream_ok(&client(a, &target, "stream", 1, &["--msg-size", "16384"]));
+    assert!(
+        redirected_bytes(&node) - before >= sent,
+        "a 16 KiB stream left the redirect"
+    );
+
+    // Large request/response is answered every time: it stays.
+    let before = status(&node);
+    let rr = client(
+        a,
+        &format!("{}:6352", b.ipv4()),
+        "rr",
+        1,
+        &["--msg-size", "65536"],
+    );
+    assert_rr_ok(&rr);
+    let after = status(&node);
+    assert_eq!(
+        counter(&after, "sockops", "conn_locked_tcp"),
+        counter(&before, "sockops", "conn_locked_tcp"),
+        "{after:#}"
+    );
     finish(node, agent);
 }
 
@@ -173,7 +285,7 @@ fn resets_and_killed_processes_leave_the_maps_empty() {
         "--mode",
         "stream",
         "--msg-size",
-        "65536",
+        "16384", // between the stream bounds: it stays on the redirect
         "--duration",
         "10",
     ])
@@ -204,28 +316,25 @@ fn hundred_thousand_short_connections_leave_the_maps_empty() {
     }
     let (node, agent) = node_with_agent(2, "");
     let (a, b) = (node.pod(0), node.pod(1));
-    let _srv = server(b, "connect", 6501, 120, &[]);
+    // Each connection says hello (one byte each way, both redirected), so none is idle and
+    // every one of them goes through the sockhash at both ends.
+    let _srv = server(b, "connect", 6501, 150, &["--hello"]);
+    let before = status(&node);
     let report = client(
         a,
         &format!("{}:6501", b.ipv4()),
         "connect",
-        90,
-        &["--conns", "2", "--max-connects", "100000"],
+        120,
+        &["--conns", "2", "--max-connects", "100000", "--hello"],
     );
-    assert!(report["connects"].as_u64().unwrap() >= 99_000, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    let connects = report["connects"].as_u64().unwrap();
+    assert!(connects >= 99_000, "{report}");
     let s = status(&node);
-    // These connections carry no data: once the service is known idle, most of them skip
-    // the bypass (both ends), the probes and the first ones still go through the sockhash.
-    let skipped = counter(&s, "sockops", "conn_skipped_idle_service");
-    assert!(skipped > 0, "{s:#}");
-    assert!(
-        counter(&s, "sockops", "sockhash_inserted") >= 2 * 1_000,
-        "{s:#}"
-    );
-    assert!(
-        counter(&s, "sockops", "sockhash_inserted") + 2 * skipped >= 2 * 99_000,
-        "{s:#}"
-    );
+    let delta = |name: &str| counter(&s, "sockops", name) - counter(&before, "sockops", name);
+    assert_eq!(delta("conn_skipped_idle_service"), 0, "{s:#}");
+    assert!(delta("sockhash_inserted") >= 2 * connects, "{s:#}");
+    assert!(delta("msg_redirected") >= 2 * connects, "{s:#}");
     eventually("QL_SOCKS empty", || map_len(&node, "QL_SOCKS") == 0);
     eventually("QL_META empty", || map_len(&node, "QL_META") == 0);
     finish(node, agent);
@@ -283,7 +392,7 @@ fn excluded_ports_cidrs_and_pods_stay_on_the_normal_path() {
         1,
         &["--msg-size", "4096"],
     ));
-    assert!(redirected(&node) - counter(&before, "sockops", "bytes_redirected") >= sent);
+    assert!(redirected_bytes(&node) - counter(&before, "sockops", "bytes_redirected") >= sent);
 
     for target in [format!("{}:6702", b.ipv4()), format!("{}:6703", c.ipv4())] {
         let before = status(&node);
@@ -324,7 +433,7 @@ fn node_excluded_server(node: &Node) {
         .stdout(std::process::Stdio::piped());
     let mut srv = b.spawn(&mut cmd).unwrap();
     wait_listening(&mut srv);
-    let before = redirected(node);
+    let before = redirected_bytes(node);
     assert_stream_ok(&client(
         a,
         &format!("{}:6704", b.ipv4()),
@@ -333,7 +442,7 @@ fn node_excluded_server(node: &Node) {
         &["--msg-size", "4096"],
     ));
     assert_eq!(
-        redirected(node),
+        redirected_bytes(node),
         before,
         "a server in an excluded cgroup must not be bypassed"
     );
@@ -377,9 +486,9 @@ fn a_rule_change_reaches_live_connections_without_breaking_them() {
     assert_rr_ok(&echo);
     // And back: a new connection is bypassed again once the rule is gone.
     reload(&node, &agent, "");
-    let before = redirected(&node);
+    let before = redirected_bytes(&node);
     let sent = assert_stream_ok(&client(a, &target, "stream", 1, &["--msg-size", "4096"]));
-    assert!(redirected(&node) - before >= sent);
+    assert!(redirected_bytes(&node) - before >= sent);
     finish(node, agent);
 }
 

@@ -50,6 +50,10 @@ pub struct ServerArgs {
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
     pub duration: Duration,
 
+    /// Connect mode: echo each client's one-byte hello before closing (the client's --hello).
+    #[arg(long)]
+    pub hello: bool,
+
     /// Exit once this many connections have been served.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_conns: Option<u64>,
@@ -105,6 +109,11 @@ pub struct ClientArgs {
     #[arg(long, value_name = "N", default_value_t = 200_000)]
     pub max_connects: u64,
 
+    /// Connect mode: send one byte on each connection and wait for the server's echo (the
+    /// server's --hello) before closing, so every connection carries data.
+    #[arg(long)]
+    pub hello: bool,
+
     /// Leave Nagle's algorithm on, as qperf does.
     #[arg(long)]
     pub no_nodelay: bool,
@@ -138,7 +147,7 @@ fn serve(args: &ServerArgs, out: &mut impl Write) -> Result<(), Error> {
                 .msg_size
                 .ok_or(Error::Usage("rr mode needs --msg-size"))?,
         },
-        Mode::Connect => Service::Connect,
+        Mode::Connect => Service::Connect { hello: args.hello },
     };
     if args.timeline_buckets.is_some() && service != Service::Stream {
         return Err(Error::Usage("--timeline-buckets needs --mode stream"));
@@ -212,7 +221,7 @@ fn drive(args: &ClientArgs, out: &mut impl Write) -> Result<(), Error> {
         }
         Mode::Connect => emit(
             out,
-            &Report::Connect(client::connect(&opts, args.max_connects)?),
+            &Report::Connect(client::connect(&opts, args.max_connects, args.hello)?),
         ),
     }
 }

@@ -235,16 +235,24 @@ fn read_exact_retrying(
 }
 
 /// Opens and closes connections on every thread for the duration, or until `max_connects`
-/// attempts have been made in total.
-pub fn connect(opts: &ClientOptions, max_connects: u64) -> Result<ConnectReport, Error> {
+/// attempts have been made in total; with `hello`, each exchanges one byte each way first.
+pub fn connect(
+    opts: &ClientOptions,
+    max_connects: u64,
+    hello: bool,
+) -> Result<ConnectReport, Error> {
     // Wait for the server here, outside the measured window, the way the other modes do.
-    reset_on_close(&connect_with_retry(opts.peer, opts.connect_retry)?);
+    let first = connect_with_retry(opts.peer, opts.connect_retry)?;
+    if hello {
+        say_hello(&first).map_err(io_err("exchanging a hello with", opts.peer))?;
+    }
+    reset_on_close(&first);
     let attempts = AtomicU64::new(0);
     let start = Instant::now();
     let deadline = start + opts.duration;
     let workers: Vec<ConnectWorker> = thread::scope(|s| {
         let handles: Vec<_> = (0..opts.conns)
-            .map(|_| s.spawn(|| connect_loop(opts.peer, deadline, &attempts, max_connects)))
+            .map(|_| s.spawn(|| connect_loop(opts.peer, deadline, &attempts, max_connects, hello)))
             .collect();
         handles.into_iter().map(join).collect()
     });
@@ -280,6 +288,7 @@ fn connect_loop(
     deadline: Instant,
     attempts: &AtomicU64,
     max_connects: u64,
+    hello: bool,
 ) -> ConnectWorker {
     let mut worker = ConnectWorker {
         latency: latency_histogram(),
@@ -291,18 +300,38 @@ fn connect_loop(
         if started >= deadline || attempts.fetch_add(1, Ordering::Relaxed) >= max_connects {
             return worker;
         }
-        match TcpStream::connect_timeout(&peer, ATTEMPT_TIMEOUT) {
-            Ok(stream) => {
+        let attempt = TcpStream::connect_timeout(&peer, ATTEMPT_TIMEOUT).and_then(|stream| {
+            let said = if hello { say_hello(&stream) } else { Ok(()) };
+            reset_on_close(&stream);
+            said
+        });
+        match attempt {
+            Ok(()) => {
                 worker
                     .latency
                     .saturating_record(started.elapsed().as_nanos() as u64);
-                reset_on_close(&stream);
             }
             Err(e) => {
                 worker.errors += 1;
                 worker.first_error.get_or_insert_with(|| e.to_string());
             }
         }
+    }
+}
+
+/// One byte to the server and its echo back.
+fn say_hello(mut stream: &TcpStream) -> io::Result<()> {
+    stream.set_read_timeout(Some(ATTEMPT_TIMEOUT))?;
+    stream.write_all(b"h")?;
+    let mut echo = [0u8; 1];
+    stream.read_exact(&mut echo)?;
+    if echo == *b"h" {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the hello came back changed",
+        ))
     }
 }
 

@@ -21,6 +21,9 @@ const POLL: Duration = Duration::from_millis(100);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const STREAM_READ_BUF: usize = 256 << 10;
 
+/// How long a connect-mode server waits for a client's hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What the server does with each accepted connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
@@ -28,8 +31,8 @@ pub enum Service {
     Stream,
     /// Echo every `msg_size`-byte request; the size is agreed out of band, by flag.
     Rr { msg_size: usize },
-    /// Accept and close at once.
-    Connect,
+    /// Accept and close at once; with `hello`, first echo the client's one-byte hello.
+    Connect { hello: bool },
 }
 
 impl Service {
@@ -37,7 +40,7 @@ impl Service {
         match self {
             Self::Stream => Mode::Stream,
             Self::Rr { .. } => Mode::Rr,
-            Self::Connect => Mode::Connect,
+            Self::Connect { .. } => Mode::Connect,
         }
     }
 }
@@ -128,7 +131,10 @@ impl Server {
                 conns += 1;
                 let nodelay = self.opts.nodelay;
                 match self.opts.service {
-                    Service::Connect => drop(stream),
+                    Service::Connect { hello: false } => drop(stream),
+                    // Inline, not a thread per connection: one byte each way is quick, and a
+                    // client that never sends it costs at most HELLO_TIMEOUT.
+                    Service::Connect { hello: true } => answer_hello(stream),
                     Service::Stream => {
                         // One origin for every connection: their series share a time axis.
                         let recorder = self
@@ -313,4 +319,14 @@ fn echo_into(
         stream.write_all(&msg)?;
         *transactions += 1;
     }
+}
+
+/// Echoes a connect-mode client's one-byte hello. A client that resets, closes or stays silent
+/// instead is its own failure to report, so errors here only end the connection.
+fn answer_hello(mut stream: TcpStream) {
+    let mut byte = [0u8; 1];
+    let _ = stream
+        .set_read_timeout(Some(HELLO_TIMEOUT))
+        .and_then(|()| stream.read_exact(&mut byte))
+        .and_then(|()| stream.write_all(&byte));
 }

@@ -18,7 +18,8 @@ pub use qos::{QosConfig, QosMode, QosPodConfig, QosPolicy};
 pub const MAX_SOCKETS_LIMIT: u32 = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
 pub const DEFAULT_SMALL_MSG_BYTES: u32 = 4096;
-pub const DEFAULT_SMALL_MSG_STREAK: u32 = 32;
+pub const DEFAULT_LARGE_MSG_BYTES: u32 = 32 * 1024;
+pub const DEFAULT_STREAM_STREAK: u32 = 32;
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/quicklane";
 pub const DEFAULT_RUN_DIR: &str = "/run/quicklane";
 
@@ -105,11 +106,16 @@ pub struct BypassConfig {
     /// Service ports (the server's port of a connection) to accelerate; empty: all.
     pub include_ports: Vec<u16>,
     pub exclude_ports: Vec<u16>,
-    /// Messages below this many bytes are "small" (0: never leave the bypass for size).
+    /// A window of unanswered messages averaging below this many bytes is a small-message
+    /// stream, which moves to TCP (0: never).
     pub small_msg_bytes: u32,
-    /// A direction that sends this many small messages in a row, unanswered, moves to the
-    /// normal TCP path, which batches them (see README, "No small-message penalty").
-    pub small_msg_streak: u32,
+    /// ... averaging at least this many bytes, a large-message stream (0: never).
+    pub large_msg_bytes: u32,
+    /// Every unanswered window over loopback moves to TCP (TCP over `lo` beats the redirect
+    /// for streams at every size).
+    pub loopback_streams_tcp: bool,
+    /// Messages per window (README, "Streams, small and large").
+    pub stream_streak: u32,
 }
 
 impl BypassConfig {
@@ -192,7 +198,9 @@ impl Default for BypassConfig {
             include_ports: Vec::new(),
             exclude_ports: Vec::new(),
             small_msg_bytes: DEFAULT_SMALL_MSG_BYTES,
-            small_msg_streak: DEFAULT_SMALL_MSG_STREAK,
+            large_msg_bytes: DEFAULT_LARGE_MSG_BYTES,
+            loopback_streams_tcp: true,
+            stream_streak: DEFAULT_STREAM_STREAK,
         }
     }
 }
@@ -331,13 +339,7 @@ impl Config {
                 return Err(bad(key, "0".into(), "ports from 1 to 65535"));
             }
         }
-        if self.bypass.small_msg_streak == 0 {
-            return Err(bad(
-                "bypass.small_msg_streak",
-                "0".into(),
-                "an integer of at least 1 (set small_msg_bytes = 0 to disable)",
-            ));
-        }
+        self.validate_streams(path)?;
         if !(1..=MAX_SOCKETS_LIMIT).contains(&self.bypass.max_sockets) {
             return Err(bad(
                 "bypass.max_sockets",
@@ -387,6 +389,32 @@ impl Config {
 }
 
 impl Config {
+    fn validate_streams(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, value: String, allowed: &str| ConfigError::Value {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            value,
+            allowed: allowed.to_owned(),
+        };
+        if self.bypass.stream_streak == 0 {
+            return Err(bad(
+                "bypass.stream_streak",
+                "0".into(),
+                "an integer of at least 1 (set small_msg_bytes and large_msg_bytes to 0 and \
+                 loopback_streams_tcp to false to keep streams on the bypass)",
+            ));
+        }
+        let (small, large) = (self.bypass.small_msg_bytes, self.bypass.large_msg_bytes);
+        if large != 0 && large <= small {
+            return Err(bad(
+                "bypass.large_msg_bytes",
+                large.to_string(),
+                &format!("0 (off) or more than bypass.small_msg_bytes ({small})"),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_kubernetes(&self, path: &Path) -> Result<(), ConfigError> {
         let bad = |key: &str, value: String, allowed: &str| ConfigError::Value {
             path: path.to_owned(),
@@ -557,6 +585,20 @@ mod tests {
         assert!(e.contains("ports from 1 to 65535"), "{e}");
         let e = err("[bypass]\nexclude_cgroups = [\"pod1\"]\n");
         assert!(e.contains("`bypass.exclude_cgroups`"), "{e}");
+    }
+
+    #[test]
+    fn stream_bounds_must_leave_a_middle() {
+        let e = err("[bypass]\nsmall_msg_bytes = 8192\nlarge_msg_bytes = 4096\n");
+        assert!(e.contains("`bypass.large_msg_bytes`"), "{e}");
+        assert!(e.contains("more than bypass.small_msg_bytes (8192)"), "{e}");
+        let e = err("[bypass]\nstream_streak = 0\n");
+        assert!(e.contains("`bypass.stream_streak`"), "{e}");
+        let off = parse("[bypass]\nsmall_msg_bytes = 0\nlarge_msg_bytes = 0\n").unwrap();
+        assert_eq!(
+            (off.bypass.small_msg_bytes, off.bypass.large_msg_bytes),
+            (0, 0)
+        );
     }
 
     #[test]

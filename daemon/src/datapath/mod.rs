@@ -17,7 +17,8 @@ use aya::{maps::MapData, programs::links::PinnedLink, Ebpf, EbpfLoader};
 pub use objects::Object;
 use plan::Attachment;
 use quicklane_common::{
-    SockopsConfig, ABI_VERSION, SOCKOPS_F_BYPASS, SOCKOPS_F_CGROUP_ORIGIN, SOCKOPS_F_PACING,
+    SockopsConfig, ABI_VERSION, SOCKOPS_F_BYPASS, SOCKOPS_F_CGROUP_ORIGIN,
+    SOCKOPS_F_LOOPBACK_STREAMS_TCP, SOCKOPS_F_PACING,
 };
 use serde::Serialize;
 
@@ -523,15 +524,19 @@ pub fn load(
             SOCKOPS_F_PACING
         } else {
             0
+        } | if config.bypass.loopback_streams_tcp {
+            SOCKOPS_F_LOOPBACK_STREAMS_TCP
+        } else {
+            0
         },
         small_msg_bytes: config.bypass.small_msg_bytes,
-        small_msg_streak: config.bypass.small_msg_streak,
+        stream_streak: config.bypass.stream_streak,
+        large_msg_bytes: config.bypass.large_msg_bytes,
         // How far a shaped pod's bypassed bytes may run ahead of its rate. Whatever is ahead
         // when a connection leaves the bypass, its paced TCP inherits as lateness at the
         // shaper: at the full CE threshold every packet got marked and cubic fell to 0.92x of
         // a 200M limit with 2 % retransmits; a quarter leaves TCP's bursts room (0.99x, none).
         qos_burst_ns: (tc.ce_threshold_ns / 4).min(u64::from(u32::MAX)) as u32,
-        pad: 0,
     };
     let mut loader = EbpfLoader::new();
     let maps_dir = pins.maps();

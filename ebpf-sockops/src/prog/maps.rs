@@ -6,11 +6,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use quicklane_common::{
-    bypass::{FlowKey, ListenerKey, Origin, RulesState, ServiceKey, SockMeta, Traffic},
+    bypass::{
+        FlowKey, ListenerKey, Origin, RulesState, ServiceKey, SockMeta, StreamPolicy, Traffic,
+    },
     counters::sockops as c,
     qos::{AddrKey, ClassActivity, QosPod, QosStats, CLASSES, MAX_PODS},
     sock::SockKey,
-    SockopsConfig,
+    SockopsConfig, SOCKOPS_F_LOOPBACK_STREAMS_TCP,
 };
 
 /// Default capacity; `bypass.max_sockets` overrides it for `QL_SOCKS` and `QL_META`.
@@ -82,9 +84,9 @@ static QL_SOCKOPS_CONFIG: SockopsConfig = SockopsConfig {
     abi_version: 0,
     flags: 0,
     small_msg_bytes: 0,
-    small_msg_streak: 0,
+    stream_streak: 0,
     qos_burst_ns: 0,
-    pad: 0,
+    large_msg_bytes: 0,
 };
 
 #[inline(always)]
@@ -102,15 +104,20 @@ pub fn config_flags() -> u32 {
     unsafe { core::ptr::read_volatile(core::ptr::addr_of!(QL_SOCKOPS_CONFIG.flags)) }
 }
 
-/// (size below which a message is small, streak that demotes a direction).
 #[inline(always)]
-pub fn small_msg_policy() -> (u32, u32) {
+pub fn stream_policy() -> StreamPolicy {
     // SAFETY: as for `config_flags`.
     unsafe {
-        (
-            core::ptr::read_volatile(core::ptr::addr_of!(QL_SOCKOPS_CONFIG.small_msg_bytes)),
-            core::ptr::read_volatile(core::ptr::addr_of!(QL_SOCKOPS_CONFIG.small_msg_streak)),
-        )
+        StreamPolicy {
+            small_bytes: core::ptr::read_volatile(core::ptr::addr_of!(
+                QL_SOCKOPS_CONFIG.small_msg_bytes
+            )),
+            large_bytes: core::ptr::read_volatile(core::ptr::addr_of!(
+                QL_SOCKOPS_CONFIG.large_msg_bytes
+            )),
+            streak: core::ptr::read_volatile(core::ptr::addr_of!(QL_SOCKOPS_CONFIG.stream_streak)),
+            loopback: config_flags() & SOCKOPS_F_LOOPBACK_STREAMS_TCP != 0,
+        }
     }
 }
 

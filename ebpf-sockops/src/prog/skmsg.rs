@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use quicklane_common::{
     bypass::{
-        FlowKey, SockMeta, Traffic, META_F_ELIGIBLE, META_F_LEAVING, META_F_LOCKED_TCP, META_F_SENT,
+        FlowKey, SockMeta, StreamKind, Traffic, META_F_ELIGIBLE, META_F_LEAVING, META_F_LOCKED_TCP,
+        META_F_SENT,
     },
     counters::sockops as c,
     sock::SockKey,
@@ -15,7 +16,7 @@ use quicklane_common::{
 use super::{
     charge,
     key::key_from_ctx,
-    maps::{count, rules_state, small_msg_policy, QL_FLOW_TRAFFIC, QL_META, QL_SOCKS},
+    maps::{count, rules_state, stream_policy, QL_FLOW_TRAFFIC, QL_META, QL_SOCKS},
     rules::eligible,
 };
 
@@ -50,10 +51,10 @@ pub fn ql_sk_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: live element of a BPF_F_NO_PREALLOC hash; the fields we touch are either
     // atomic or hints where a lost update only delays a decision by one message.
     let peer_meta = unsafe { &mut *peer_meta };
-    if small_stream(peer_meta, meta, ctx.size()) {
+    if let Some(reason) = stream_for_tcp(&key, peer_meta, meta, ctx.size()) {
         // Switching this direction to TCP is safe at any time: the bytes already redirected
         // sit in the peer's redirect queue, which its reads drain before the TCP queue.
-        count(c::CONN_DEMOTED_SMALL, 1);
+        count(reason, 1);
         return lock_tcp(meta, c::MSG_NORMAL_PATH);
     }
     if !charge::admit(meta, size) {
@@ -134,22 +135,32 @@ fn eligible_now(key: &SockKey, meta: &mut SockMeta) -> bool {
     meta.flags & META_F_ELIGIBLE != 0
 }
 
-/// Whether this direction has become a stream of small messages, where TCP wins: it batches
-/// many writes into one segment and one reader wakeup, while a redirect costs one queued
-/// message and one wakeup per write. Request/response stays: each answer resets the streak.
+/// Whether this direction has become a stream that TCP carries better than the redirect
+/// (see `StreamPolicy`), and which kind (its counter). The peer's message answers ours, so
+/// it starts our next window; a full window the redirect carries better starts one too.
 #[inline(always)]
-fn small_stream(peer: &mut SockMeta, meta: &mut SockMeta, size: u32) -> bool {
-    let (small_bytes, streak) = small_msg_policy();
-    if small_bytes == 0 {
-        return false;
-    }
+fn stream_for_tcp(
+    key: &SockKey,
+    peer: &mut SockMeta,
+    meta: &mut SockMeta,
+    size: u32,
+) -> Option<u32> {
     peer.unanswered = 0;
-    if size >= small_bytes {
-        meta.unanswered = 0;
-        return false;
-    }
+    peer.unanswered_bytes = 0;
     meta.unanswered = meta.unanswered.saturating_add(1);
-    meta.unanswered >= streak
+    meta.unanswered_bytes = meta.unanswered_bytes.saturating_add(size);
+    let policy = stream_policy();
+    if meta.unanswered < policy.streak {
+        return None;
+    }
+    let kind = policy.judge(meta.unanswered, meta.unanswered_bytes, key.is_loopback());
+    meta.unanswered = 0;
+    meta.unanswered_bytes = 0;
+    Some(match kind? {
+        StreamKind::Small => c::CONN_DEMOTED_SMALL,
+        StreamKind::Large => c::CONN_DEMOTED_LARGE,
+        StreamKind::Loopback => c::CONN_DEMOTED_LOOPBACK,
+    })
 }
 
 #[inline(always)]

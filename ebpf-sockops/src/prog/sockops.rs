@@ -162,7 +162,7 @@ fn on_established(ctx: &SockOpsContext, active: bool, paced: bool) {
         unanswered: 0,
         qos_egress: 0,
         qos_ingress: 0,
-        pad: 0,
+        unanswered_bytes: 0,
         rx_redirects: 0,
     };
     if !eligible(&key, &meta, &rules_state()) {
