@@ -56,15 +56,43 @@ fn the_manifest_fits_together() {
     let account = m.account.metadata.name.clone().unwrap();
     assert_eq!(m.account.metadata.namespace.as_deref(), Some(ns.as_str()));
 
-    // RBAC: the agent's account may list and watch pods, and nothing else.
+    // RBAC: the agent's account may read pods and post events, and nothing else.
     let rules = m.role.rules.clone().unwrap();
-    assert_eq!(rules.len(), 1);
-    assert_eq!(
-        rules[0].resources.as_deref(),
-        Some(&["pods".to_owned()][..])
-    );
-    for verb in ["list", "watch"] {
-        assert!(rules[0].verbs.contains(&verb.to_owned()), "{verb}");
+    let granted: Vec<(String, String, Vec<String>)> = rules
+        .iter()
+        .flat_map(|r| {
+            let groups = r.api_groups.clone().unwrap_or_default();
+            let resources = r.resources.clone().unwrap_or_default();
+            groups.into_iter().flat_map(move |g| {
+                let verbs = r.verbs.clone();
+                resources
+                    .clone()
+                    .into_iter()
+                    .map(move |res| (g.clone(), res, verbs.clone()))
+            })
+        })
+        .collect();
+    let mut expected = vec![
+        (
+            String::new(),
+            "pods".to_owned(),
+            vec!["get", "list", "watch"],
+        ),
+        (
+            "events.k8s.io".to_owned(),
+            "events".to_owned(),
+            vec!["create", "patch"],
+        ),
+    ];
+    assert_eq!(granted.len(), expected.len(), "{granted:?}");
+    for (group, resource, verbs) in expected.drain(..) {
+        let rule = granted
+            .iter()
+            .find(|(g, r, _)| *g == group && *r == resource)
+            .unwrap_or_else(|| panic!("no rule for {group}/{resource}: {granted:?}"));
+        let mut have = rule.2.clone();
+        have.sort();
+        assert_eq!(have, verbs, "{group}/{resource}");
     }
     assert_eq!(
         m.binding.role_ref.name,

@@ -121,6 +121,70 @@ fn publish_pods(api: &ApiServer, node: &Node) -> Value {
     bad
 }
 
+/// The notes of the events posted about pod `ns/name` with `reason`, once there is one.
+fn events(api: &ApiServer, pod: &str, kind: &str, reason: &str) -> Vec<String> {
+    let (namespace, name) = pod.split_once('/').unwrap();
+    let about = |e: &Value| {
+        e["regarding"]["namespace"] == namespace
+            && e["regarding"]["name"] == name
+            && e["regarding"]["kind"] == "Pod"
+            && e["type"] == kind
+            && e["reason"] == reason
+    };
+    within_10s(&format!("a {kind} {reason} event on {pod}"), || {
+        let notes: Vec<String> = api
+            .events()
+            .iter()
+            .filter(|e| about(e))
+            .inspect(|e| {
+                assert_eq!(e["reportingController"], "quicklane", "{e}");
+                assert_eq!(e["reportingInstance"], NODE, "{e}");
+            })
+            .map(|e| e["note"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        (!notes.is_empty()).then_some(notes)
+    })
+}
+
+/// Each pod of `publish_pods` was told what became of it, in `kubectl describe pod`.
+fn assert_owners_told_at_start(api: &ApiServer, web: &Pod) {
+    let applied = events(api, "shop/web", "Normal", "QosApplied");
+    assert!(
+        applied[0].contains(&format!("shaped on {}", web.host_ifname()))
+            && applied[0].contains("kubernetes.io/egress-bandwidth=100M"),
+        "{applied:?}"
+    );
+    let notes = events(api, "batch/bad", "Warning", "QosRefused");
+    assert!(notes[0].contains("10Mbps"), "{notes:?}");
+    let notes = events(api, "kube-system/proxy", "Warning", "QosRefused");
+    assert!(notes[0].contains("hostNetwork"), "{notes:?}");
+}
+
+/// A bad edit of shop/web (at 200M) is refused whole: the previous policy stays, and status
+/// and an event say why; a refusal re-evaluated every second since the start was told once.
+fn a_bad_edit_keeps_the_policy(api: &ApiServer, node: &Node) {
+    api.put_pod(api_pod(
+        node.pod(0),
+        "shop",
+        "web",
+        NODE,
+        &[("kubernetes.io/egress-bandwidth", "lots")],
+    ));
+    let why = within_10s("the bad edit is reported", || refused(node, "shop/web"));
+    assert!(
+        why.contains("previous policy stays") && why.contains("lots"),
+        "{why}"
+    );
+    assert_eq!(
+        shaped(node, "shop/web").unwrap()["egress_bps"],
+        200_000_000u64
+    );
+    let notes = events(api, "shop/web", "Warning", "QosChangeRefused");
+    assert!(notes[0].contains("lots"), "{notes:?}");
+    // Re-evaluated every second since the start, told once.
+    assert_eq!(events(api, "batch/bad", "Warning", "QosRefused").len(), 1);
+}
+
 /// Three seconds of TCP from `from` to `to`'s iperf3 server on 5201, as received.
 fn measure(from: &Pod, to: &Pod) -> support::iperf::Measured {
     let m = iperf(from, to, 5201, 3, &[]);
@@ -169,6 +233,7 @@ fn api_pods_are_shaped_by_their_annotations_and_followed_live() {
     let why = refused(&node, "kube-system/proxy").expect("hostNetwork is refused");
     assert!(why.contains("hostNetwork"), "{why}");
     assert_eq!(support::tc_pins(&node, web.host_ifname()), 2);
+    assert_owners_told_at_start(&api, web);
 
     let _server = iperf_server(sink, 5201);
     let m = measure(web, sink);
@@ -188,23 +253,7 @@ fn api_pods_are_shaped_by_their_annotations_and_followed_live() {
     let m = measure(web, sink);
     assert_within("shop/web at 200M", m.bits_per_sec, 200.0 * MBIT, 0.05);
 
-    // A bad edit is refused whole: the previous policy stays, and status says why.
-    api.put_pod(api_pod(
-        web,
-        "shop",
-        "web",
-        NODE,
-        &[("kubernetes.io/egress-bandwidth", "lots")],
-    ));
-    let why = within_10s("the bad edit is reported", || refused(&node, "shop/web"));
-    assert!(
-        why.contains("previous policy stays") && why.contains("lots"),
-        "{why}"
-    );
-    assert_eq!(
-        shaped(&node, "shop/web").unwrap()["egress_bps"],
-        200_000_000u64
-    );
+    a_bad_edit_keeps_the_policy(&api, &node);
 
     // The bad pod is fixed: it is shaped now, in a slot of its own.
     bad["metadata"]["annotations"]["kubernetes.io/egress-bandwidth"] = Value::from("50M");
@@ -213,6 +262,8 @@ fn api_pods_are_shaped_by_their_annotations_and_followed_live() {
     assert_eq!(fixed["egress_bps"], 50_000_000u64);
     assert_ne!(fixed["slot"], shaped(&node, "shop/web").unwrap()["slot"]);
     assert!(refused(&node, "batch/bad").is_none());
+    let applied = events(&api, "batch/bad", "Normal", "QosApplied");
+    assert!(applied[0].contains("egress-bandwidth=50M"), "{applied:?}");
 
     // Deleting the pod lifts its limit and takes the shaper off its interface.
     api.delete_pod("shop", "web");

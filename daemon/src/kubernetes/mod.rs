@@ -1,12 +1,15 @@
 //! Pods from the Kubernetes API: this node's pods that carry QoS annotations, turned into
 //! the same pod entries `[[qos.pods]]` declares (name, host interface, addresses,
 //! annotations), with the same parser and the same errors.
+mod events;
 mod resolve;
 mod watch;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use quicklane_qos::pod_policy_from_annotations;
+use events::PodEvents;
+use kube::runtime::events::EventType;
+use quicklane_qos::{pod_policy_from_annotations, PodPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Runtime;
 
@@ -50,7 +53,23 @@ pub struct PodSource {
     netlink: rtnetlink::Handle,
     /// Each pod's last accepted annotations: a bad edit keeps the policy they gave.
     last_good: BTreeMap<String, BTreeMap<String, String>>,
+    events: PodEvents,
 }
+
+/// Why a pod is not shaped; `tell`: whether its owner can do something about it, so it gets
+/// an event (a pod waiting for its IP or its neighbour entry is retried every second instead).
+struct Refusal {
+    reason: String,
+    tell: bool,
+}
+
+impl Refusal {
+    fn told(reason: String) -> Self {
+        Self { reason, tell: true }
+    }
+}
+
+type Judged = Result<(QosPodConfig, PodPolicy, Option<String>), Refusal>;
 
 impl PodSource {
     /// Connects (without waiting for the API server) and starts watching on `rt`.
@@ -70,6 +89,7 @@ impl PodSource {
         let (conn, netlink, _) = rtnetlink::new_connection().map_err(KubeError::Netlink)?;
         rt.spawn(conn);
         let (tx, snapshot) = tokio::sync::watch::channel(Snapshot::default());
+        let events = PodEvents::new(client.clone(), &node);
         rt.spawn(watch::run(client, node.clone(), tx));
         tracing::info!(node, "kubernetes: watching this node's pods");
         Ok(Self {
@@ -77,6 +97,7 @@ impl PodSource {
             snapshot,
             netlink,
             last_good: BTreeMap::new(),
+            events,
         })
     }
 
@@ -108,7 +129,8 @@ impl PodSource {
     }
 
     /// The pods to shape now, and the ones refused with why. `taken` are the config file's
-    /// pods: an API pod claiming their interface or address is refused.
+    /// pods: an API pod claiming their interface or address is refused. Each pod is told
+    /// what became of it by an event when that changes.
     pub fn pods(
         &mut self,
         rt: &Runtime,
@@ -117,48 +139,78 @@ impl PodSource {
         let snapshot = self.snapshot.borrow_and_update().clone();
         self.last_good
             .retain(|name, _| snapshot.pods.contains_key(name));
+        self.events.retain(|name| snapshot.pods.contains_key(name));
         let mut accepted: Vec<SourcePod> = Vec::new();
         let mut refused = Vec::new();
         for pod in snapshot.pods.values() {
-            let placed = rt
-                .block_on(self.place(pod))
-                .and_then(|config| {
-                    let claimed = taken.iter().chain(accepted.iter().map(|(c, _)| c));
-                    collision(&config, claimed).map_or(Ok(config), Err)
-                })
-                .and_then(|config| {
-                    self.policy(&config)
-                        .map(|(policy, note)| (config, policy, note))
-                });
-            match placed {
+            let claimed = taken.iter().chain(accepted.iter().map(|(c, _)| c));
+            let outcome = self.judge(rt, pod, claimed);
+            self.tell(rt, pod, &outcome);
+            let reason = match outcome {
                 Ok((config, policy, note)) => {
-                    if let Some(reason) = note {
-                        refused.push(RefusedPod {
-                            name: pod.name.clone(),
-                            reason,
-                        });
-                    }
                     accepted.push((config, policy));
+                    note
                 }
-                Err(reason) => refused.push(RefusedPod {
+                Err(refusal) => Some(refusal.reason),
+            };
+            if let Some(reason) = reason {
+                refused.push(RefusedPod {
                     name: pod.name.clone(),
                     reason,
-                }),
+                });
             }
         }
         (accepted, refused)
     }
 
+    /// Where `pod` is shaped and by which policy (with a note if a bad edit was refused), or
+    /// why it is not; `claimed` are the pods placed before it.
+    fn judge<'a>(
+        &mut self,
+        rt: &Runtime,
+        pod: &KubePod,
+        claimed: impl Iterator<Item = &'a QosPodConfig>,
+    ) -> Judged {
+        let config = rt.block_on(self.place(pod))?;
+        if let Some(reason) = collision(&config, claimed) {
+            return Err(Refusal::told(reason));
+        }
+        let (policy, note) = self.policy(&config).map_err(Refusal::told)?;
+        Ok((config, policy, note))
+    }
+
+    /// Tells the pod's owner what became of it (see `PodEvents`: only what changed).
+    fn tell(&mut self, rt: &Runtime, pod: &KubePod, outcome: &Judged) {
+        let (kind, reason, note) = match outcome {
+            Ok((_, _, Some(note))) => (EventType::Warning, "QosChangeRefused", note.clone()),
+            Ok((config, _, None)) => (EventType::Normal, "QosApplied", applied(config)),
+            Err(refusal) if refusal.tell => {
+                (EventType::Warning, "QosRefused", refusal.reason.clone())
+            }
+            Err(_) => return,
+        };
+        self.events.tell(rt, pod, kind, reason, &note);
+    }
+
     /// The pod as a config entry, on the interface the node routes its first address to.
-    async fn place(&self, pod: &KubePod) -> Result<QosPodConfig, String> {
+    async fn place(&self, pod: &KubePod) -> Result<QosPodConfig, Refusal> {
         if pod.host_network {
-            return Err(
+            return Err(Refusal::told(
                 "hostNetwork pod: it shares the node's interfaces, so it cannot be shaped alone"
                     .into(),
-            );
+            ));
         }
-        let first = pod.ips.first().ok_or("no pod IP yet")?;
-        let (interface, _) = resolve::pod_interface(&self.netlink, *first).await?;
+        let waiting = |reason: String| Refusal {
+            reason,
+            tell: false,
+        };
+        let first = pod
+            .ips
+            .first()
+            .ok_or_else(|| waiting("no pod IP yet".into()))?;
+        let (interface, _) = resolve::pod_interface(&self.netlink, *first)
+            .await
+            .map_err(waiting)?;
         Ok(QosPodConfig {
             name: pod.name.clone(),
             interface,
@@ -169,10 +221,7 @@ impl PodSource {
 
     /// The pod's policy from its annotations; a bad edit keeps the last good ones (and says
     /// so), a pod that never had good ones is refused.
-    fn policy(
-        &mut self,
-        config: &QosPodConfig,
-    ) -> Result<(quicklane_qos::PodPolicy, Option<String>), String> {
+    fn policy(&mut self, config: &QosPodConfig) -> Result<(PodPolicy, Option<String>), String> {
         match pod_policy_from_annotations(&config.annotations) {
             Ok(policy) => {
                 self.last_good
@@ -194,6 +243,16 @@ impl PodSource {
             },
         }
     }
+}
+
+/// The news for a pod that is shaped: where, and by which annotations.
+fn applied(config: &QosPodConfig) -> String {
+    let annotations: Vec<String> = config
+        .annotations
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    format!("shaped on {}: {}", config.interface, annotations.join(", "))
 }
 
 /// Why `pod` cannot be shaped next to `others`, if it cannot.

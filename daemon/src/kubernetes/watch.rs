@@ -12,6 +12,8 @@ use tokio::sync::watch;
 pub struct KubePod {
     /// `namespace/name`.
     pub name: String,
+    /// For the events about it: a recreated pod of the same name is another object.
+    pub uid: Option<String>,
     pub ips: Vec<IpAddr>,
     pub host_network: bool,
     /// Only the QoS annotations.
@@ -44,6 +46,7 @@ impl KubePod {
             .collect();
         Some(Self {
             name: name_of(pod),
+            uid: pod.metadata.uid.clone(),
             ips,
             host_network: pod
                 .spec

@@ -123,6 +123,11 @@ impl ApiServer {
         self.shared.lock().requests.clone()
     }
 
+    /// The events posted so far (events.k8s.io/v1 Event objects).
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.lock().events.clone()
+    }
+
     /// Watch streams open right now.
     pub fn watchers(&self) -> usize {
         self.shared.lock().watch_epochs().count()
@@ -203,6 +208,8 @@ struct State {
     /// Every change ever, in resourceVersion order.
     changes: Vec<Change>,
     requests: Vec<String>,
+    /// Event objects posted (events.k8s.io/v1), in order.
+    events: Vec<Value>,
     connections: HashMap<u64, Connection>,
     next_connection: u64,
     /// Bumped by `close_watches`; a watch ends once the epoch it started in is over.
@@ -329,6 +336,7 @@ impl Shared {
             self.lock().requests.push(request.target.clone());
             match self.reply(&request) {
                 Ok(Reply::Json(body)) => write_json(&mut stream, 200, &body, request.close)?,
+                Ok(Reply::Created(body)) => write_json(&mut stream, 201, &body, request.close)?,
                 Ok(Reply::Watch(watch)) => self.stream_watch(id, &mut stream, &watch)?,
                 Err(failure) => {
                     write_json(&mut stream, failure.code, &failure.status(), request.close)?;
@@ -346,6 +354,9 @@ impl Shared {
             .target
             .split_once('?')
             .unwrap_or((&request.target, ""));
+        if request.method == "POST" && events_namespace(path).is_some() {
+            return self.post_event(&request.body).map(Reply::Created);
+        }
         let namespace = pods_namespace(path)?;
         if request.method != "GET" {
             return Err(Failure {
@@ -371,6 +382,20 @@ impl Shared {
         } else {
             self.list(&filter, &query).map(Reply::Json)
         }
+    }
+
+    /// Stores a posted event and answers with it, as created.
+    fn post_event(&self, body: &[u8]) -> Result<Value, Failure> {
+        let mut event: Value = serde_json::from_slice(body).map_err(|e| Failure {
+            code: 400,
+            reason: "BadRequest",
+            message: format!("the event is not JSON: {e}"),
+        })?;
+        let mut state = self.lock();
+        let version = state.bump();
+        event["metadata"]["resourceVersion"] = version.to_string().into();
+        state.events.push(event.clone());
+        Ok(event)
     }
 
     /// A PodList page. A continue token carries the list's resourceVersion and the last key
@@ -472,6 +497,7 @@ impl Shared {
 
 enum Reply {
     Json(Value),
+    Created(Value),
     Watch(Watch),
 }
 
@@ -538,6 +564,12 @@ fn node_selector(selector: &str) -> Option<String> {
 }
 
 /// The namespace a pods path is scoped to (None: all of them); 404 for any other path.
+/// `ns` of `/apis/events.k8s.io/v1/namespaces/{ns}/events`.
+fn events_namespace(path: &str) -> Option<&str> {
+    path.strip_prefix("/apis/events.k8s.io/v1/namespaces/")?
+        .strip_suffix("/events")
+}
+
 fn pods_namespace(path: &str) -> Result<Option<&str>, Failure> {
     if path == "/api/v1/pods" {
         return Ok(None);
@@ -662,6 +694,7 @@ struct Request {
     method: String,
     target: String,
     close: bool,
+    body: Vec<u8>,
 }
 
 impl Request {
@@ -681,10 +714,13 @@ impl Request {
             method: method.to_owned(),
             target: target.to_owned(),
             close: version == "HTTP/1.0",
+            body: Vec::new(),
         };
-        let body = request.read_headers(reader)?;
-        // Bodies are never used, but must be consumed to find the next request.
-        io::copy(&mut reader.by_ref().take(body), &mut io::sink())?;
+        let length = request.read_headers(reader)?;
+        reader
+            .by_ref()
+            .take(length)
+            .read_to_end(&mut request.body)?;
         Ok(Some(request))
     }
 
@@ -715,6 +751,7 @@ fn write_json(stream: &mut TcpStream, code: u16, body: &Value, close: bool) -> i
     let body = body.to_string();
     let reason = match code {
         200 => "OK",
+        201 => "Created",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
