@@ -30,6 +30,10 @@ pub enum Mode {
     Htb,
     /// qos: no quicklane QoS; a tbf qdisc configured for the same rate.
     Tbf,
+    /// qos: the agent with its QoS config and the bypass on, as a node runs it: same-node
+    /// traffic of a pod within its rate is redirected, the rest shaped.
+    #[serde(rename = "quicklane+bypass")]
+    QuicklaneBypass,
 }
 
 impl Mode {
@@ -40,6 +44,7 @@ impl Mode {
             Self::Quicklane => "quicklane",
             Self::Htb => "htb",
             Self::Tbf => "tbf",
+            Self::QuicklaneBypass => "quicklane+bypass",
         }
     }
 }

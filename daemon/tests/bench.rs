@@ -1,4 +1,4 @@
-//! `quicklane bench`: real `quick` bypass and qos runs on simulated nodes with tiny
+//! `quicklane bench`: a real `quick` bypass run and a one-repetition `full` qos run on simulated nodes with tiny
 //! durations, whose results directories must be complete and well-formed (every arm and
 //! figure present; no performance asserted), and the regression check on their output.
 
@@ -284,12 +284,17 @@ fn non_negative(v: &Value, what: &str) -> f64 {
 const QL: &str = "quicklane";
 const HTB: &str = "htb";
 const TBF: &str = "tbf";
+const QLB: &str = "quicklane+bypass";
 
-/// Every figure of every arm, well-formed; tbf only where it has something to shape.
+/// Every figure of every arm, well-formed; tbf only where it has something to shape, the
+/// bypass arm only on hi's latency.
 fn check_qos_figures(results: &[Value]) {
     for r in results {
         let metric = r["metric"].as_str().expect("metric");
-        assert!(matches!(r["mode"].as_str(), Some(QL | HTB | TBF)), "{r}");
+        assert!(
+            matches!(r["mode"].as_str(), Some(QL | HTB | TBF | QLB)),
+            "{r}"
+        );
         assert!(r["msg_size"].is_null(), "{r}");
         assert!(r["unit"].as_str().is_some_and(|u| !u.is_empty()), "{r}");
         let (median, min, max) = (
@@ -307,14 +312,17 @@ fn check_qos_figures(results: &[Value]) {
             .filter_map(|r| r["mode"].as_str())
             .collect()
     };
-    for metric in [
-        "rate-accuracy.tcp_rate.200M",
-        "rate-accuracy.tcp_retrans.200M",
-        "rate-accuracy.udp_rate.200M",
-        "rate-accuracy.udp_offered.200M",
-        "cpu.tcp_per_gbit.200M",
-    ] {
-        assert_eq!(arms_of(metric), [QL, HTB, TBF], "{metric}");
+    for limit in LIMITS {
+        for metric in [
+            "rate-accuracy.tcp_rate",
+            "rate-accuracy.tcp_retrans",
+            "rate-accuracy.udp_rate",
+            "rate-accuracy.udp_offered",
+            "cpu.tcp_per_gbit",
+        ] {
+            let metric = format!("{metric}.{limit}");
+            assert_eq!(arms_of(&metric), [QL, HTB, TBF], "{metric}");
+        }
     }
     // tbf has no priorities: it sits out the priority and preemption groups.
     for metric in [
@@ -323,6 +331,10 @@ fn check_qos_figures(results: &[Value]) {
         "priority.hi_rtt_p50.saturated",
         "priority.hi_rtt_p99.saturated",
         "priority.lo_rate.saturated",
+    ] {
+        assert_eq!(arms_of(metric), [QL, HTB, QLB], "{metric}");
+    }
+    for metric in [
         "preemption.hi_idle",
         "preemption.hi_time",
         "preemption.lo_time",
@@ -334,23 +346,33 @@ fn check_qos_figures(results: &[Value]) {
     }
 }
 
-/// The eight checks against the QoS targets, judged on quicklane.
+/// The full profile's rate limits.
+const LIMITS: [&str; 3] = ["50M", "200M", "1G"];
+/// Three checks per limit and six on priority and preemption.
+const CHECKS: usize = 3 * LIMITS.len() + 6;
+
+/// The checks against the QoS targets, judged on quicklane (and hi's latency also on
+/// quicklane+bypass).
 fn check_qos_checks(ratios: &[Value]) {
     let mut checked: Vec<&str> = ratios.iter().filter_map(|r| r["metric"].as_str()).collect();
     checked.sort_unstable();
-    assert_eq!(
-        checked,
-        [
-            "preemption.hi_time",
-            "preemption.lo_rate.contended",
-            "preemption.lo_time",
-            "priority.hi_rtt_p99.saturated",
-            "priority.hi_rtt_p99.vs-idle",
-            "rate-accuracy.tcp_rate.200M",
-            "rate-accuracy.tcp_retrans.200M",
-            "rate-accuracy.udp_rate.200M",
-        ]
-    );
+    let mut expected: Vec<String> = [
+        "preemption.hi_time",
+        "preemption.lo_rate.contended",
+        "preemption.lo_time",
+        "priority.hi_rtt_p99.saturated",
+        "priority.hi_rtt_p99.saturated.with-bypass",
+        "priority.hi_rtt_p99.vs-idle",
+    ]
+    .map(str::to_owned)
+    .into_iter()
+    .chain(LIMITS.iter().flat_map(|l| {
+        ["tcp_rate", "tcp_retrans", "udp_rate"].map(|m| format!("rate-accuracy.{m}.{l}"))
+    }))
+    .collect();
+    expected.sort_unstable();
+    assert_eq!(checked, expected);
+    assert_eq!(checked.len(), CHECKS);
     for r in ratios {
         let metric = r["metric"].as_str().expect("metric");
         non_negative(&r["value"], metric);
@@ -367,17 +389,18 @@ fn check_qos_checks(ratios: &[Value]) {
 
 fn check_qos_results(json: &Value, dir: &Path) {
     assert_eq!(json["scenario"], "qos");
-    assert_eq!(json["profile"], "quick");
+    assert_eq!(json["profile"], "full");
     positive(&json["host"]["cpus"], "host.cpus");
     let order = json["settings"]["order"].as_array().expect("order");
     assert_eq!(order.len(), 1, "one repetition");
-    assert_eq!(order[0], serde_json::json!([QL, HTB, TBF]));
+    assert_eq!(order[0], serde_json::json!([QL, HTB, TBF, QLB]));
     let params = &json["settings"]["params"];
     for key in [
         "htb.rate-accuracy-200M",
-        "tbf.rate-accuracy-200M",
+        "tbf.rate-accuracy-1G",
         "htb.priority",
         "quicklane.priority",
+        "quicklane+bypass.priority",
         "quicklane.enforcement",
     ] {
         assert!(
@@ -408,7 +431,16 @@ fn check_qos_results(json: &Value, dir: &Path) {
     }
     let blocks = json["agent"].as_array().expect("agent blocks");
     let names: Vec<&str> = blocks.iter().filter_map(|b| b["block"].as_str()).collect();
-    assert_eq!(names, ["rate-accuracy-200M", "priority"]);
+    assert_eq!(
+        names,
+        [
+            "rate-accuracy-50M",
+            "rate-accuracy-200M",
+            "rate-accuracy-1G",
+            "priority",
+            "priority (with the bypass)"
+        ]
+    );
     for b in blocks {
         assert!(
             b["counters"]["tc.qos_shaped_packets"].as_u64() > Some(0),
@@ -418,19 +450,20 @@ fn check_qos_results(json: &Value, dir: &Path) {
 }
 
 #[test]
-fn quick_qos_run_writes_a_complete_report() {
-    if !simnode::privileged_or_skip("the quick qos benchmark") {
+fn full_qos_run_writes_a_complete_report() {
+    if !simnode::privileged_or_skip("the qos benchmark") {
         return;
     }
     let _measuring = measuring();
     let dir = TempDir::new("qos");
     let out = dir.0.to_str().unwrap();
-    // One repetition keeps this under a minute next to the bypass run.
+    // The full profile, for all three limits and the bypass arm; one short repetition keeps
+    // it to about a minute.
     let run = bench(&[
         "--scenario",
         "qos",
         "--profile",
-        "quick",
+        "full",
         "--out",
         out,
         "--reps",
@@ -440,7 +473,7 @@ fn quick_qos_run_writes_a_complete_report() {
     ]);
     assert!(run.status.success(), "bench failed: {}", text(&run));
     let stderr = String::from_utf8_lossy(&run.stderr);
-    for arm in [QL, HTB, TBF] {
+    for arm in [QL, HTB, TBF, QLB] {
         assert!(
             stderr.contains(&format!("rep 1/1 {arm}")),
             "no {arm} progress: {stderr}"
@@ -474,7 +507,7 @@ fn quick_qos_run_writes_a_complete_report() {
     ]);
     assert!(same.status.success(), "{}", text(&same));
     assert!(
-        text(&same).contains("compared 8 ratio(s)"),
+        text(&same).contains(&format!("compared {CHECKS} ratio(s)")),
         "{}",
         text(&same)
     );

@@ -10,7 +10,7 @@ use crate::progress::clock;
 use crate::results::{Mode, Results, Timeline};
 use crate::scenario::qos::timeline::{window_series, Flow};
 
-const ARMS: [Mode; 3] = [Mode::Quicklane, Mode::Htb, Mode::Tbf];
+const ARMS: [Mode; 4] = [Mode::Quicklane, Mode::Htb, Mode::Tbf, Mode::QuicklaneBypass];
 /// Step between the points of a timeline chart, ms.
 const TIMELINE_STEP_MS: u64 = 5;
 
@@ -19,6 +19,7 @@ fn color(arm: Mode) -> &'static str {
         Mode::Quicklane | Mode::Accelerated => "#d62728",
         Mode::Htb | Mode::Baseline => "#1f77b4",
         Mode::Tbf => "#2ca02c",
+        Mode::QuicklaneBypass => "#9467bd",
     }
 }
 
@@ -168,13 +169,15 @@ fn priority(md: &mut String, r: &Results) {
         md,
         "## Priority\n\nCapacity {}; `hi` priority 0, `lo` priority 2 with a {} guarantee. `hi` \
          runs sockperf ping-pong (64 B, round trips) to `sink`, with `lo` idle and while `lo` \
-         saturates `sink` with iperf3. tbf: n/a (one bucket, no priorities).\n\n\
+         saturates `sink` with iperf3. tbf: n/a (one bucket, no priorities). quicklane+bypass: \
+         the agent as a node runs it, the bypass on: `hi`'s ping-pong to a pod on the same node \
+         is redirected (and charged to `hi`'s budget), `lo`'s stream shaped.\n\n\
          | arm | hi RTT p50, lo idle (us) | hi RTT p99, lo idle | hi RTT p50, lo saturating | \
          hi RTT p99, lo saturating | lo Mbit/s meanwhile |\n|---|---|---|---|---|---|",
         param(r, "capacity"),
         param(r, "guarantee")
     );
-    for arm in [Mode::Quicklane, Mode::Htb] {
+    for arm in [Mode::Quicklane, Mode::Htb, Mode::QuicklaneBypass] {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} |",
@@ -248,13 +251,14 @@ fn agent_counters(md: &mut String, r: &Results) {
         md,
         "## What the agent did\n\nCounters at the end of each quicklane block (the agent \
          starts fresh for each).\n\n| rep | block | paced connections | shaped packets | \
-         CE-marked | dropped | not ECN-capable when late |\n|---|---|---|---|---|---|---|"
+         CE-marked | dropped | not ECN-capable when late | messages redirected |\n\
+         |---|---|---|---|---|---|---|---|"
     );
     for b in &r.agent {
         let c = |name: &str| b.counters.get(name).copied().unwrap_or(0);
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             b.rep + 1,
             b.block.as_deref().unwrap_or("–"),
             c("sockops.conn_paced"),
@@ -262,6 +266,7 @@ fn agent_counters(md: &mut String, r: &Results) {
             c("tc.qos_ce_marked"),
             c("tc.qos_dropped"),
             c("tc.qos_late_not_ect"),
+            c("sockops.msg_redirected"),
         );
     }
     md.push('\n');
@@ -338,7 +343,7 @@ fn latency_chart(r: &Results) -> Option<Chart> {
         ("priority.hi_rtt_p50.saturated", "p50, lo saturating"),
         ("priority.hi_rtt_p99.saturated", "p99, lo saturating"),
     ];
-    let series: Vec<Series> = [Mode::Quicklane, Mode::Htb]
+    let series: Vec<Series> = [Mode::Quicklane, Mode::Htb, Mode::QuicklaneBypass]
         .into_iter()
         .map(|arm| Series {
             label: arm.name().to_owned(),

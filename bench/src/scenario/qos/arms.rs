@@ -130,15 +130,17 @@ pub fn quantity(bps: u64) -> String {
     }
 }
 
-/// The agent's config for `node`: the bypass off (so only QoS differs from the baselines),
-/// QoS on at `capacity_bps` with the pods' annotations (`(pod, [(key, value)])`).
+/// The agent's config for `node`: QoS on at `capacity_bps` with the pods' annotations
+/// (`(pod, [(key, value)])`), the bypass off (so only QoS differs from the baselines) unless
+/// `bypass`.
 pub fn agent_config(
     node: &Node,
     capacity_bps: u64,
     pods: &[(&Pod, Vec<(&str, String)>)],
+    bypass: bool,
 ) -> String {
     let mut text = format!(
-        "[agent]\npin_dir = {:?}\nrun_dir = {:?}\n\n[bypass]\nenabled = false\ncgroup = {:?}\n\n\
+        "[agent]\npin_dir = {:?}\nrun_dir = {:?}\n\n[bypass]\nenabled = {bypass}\ncgroup = {:?}\n\n\
          [tc]\nenabled = false\n\n[xdp]\nenabled = false\n\n\
          # mode auto: fq where the kernel has sch_fq, the ECN-first policer otherwise.\n\
          [qos]\nenabled = true\nmode = \"auto\"\ncapacity = {:?}\n",

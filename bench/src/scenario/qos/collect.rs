@@ -68,7 +68,8 @@ impl Collected {
     }
 }
 
-/// The checks against the QoS targets, all judged on the quicklane arm.
+/// The checks against the QoS targets, judged on the quicklane arm; hi's latency also on the
+/// quicklane+bypass arm, the agent as a node runs it.
 pub(super) fn checks(plan: &Plan, c: &Collected) -> Vec<Ratio> {
     let q = Mode::Quicklane;
     let target = |better, value, source| Target {
@@ -118,6 +119,17 @@ pub(super) fn checks(plan: &Plan, c: &Collected) -> Vec<Ratio> {
             Better::Lower,
             0.5,
             "QoS issue: hi p99 under saturation <= 0.5x htb's",
+        ),
+    ));
+    out.extend(Ratio::of_samples(
+        &format!("{p99}.with-bypass"),
+        "quicklane+bypass / htb, same repetition",
+        None,
+        c.paired((p99, Mode::QuicklaneBypass), (p99, Mode::Htb)),
+        target(
+            Better::Lower,
+            0.5,
+            "QoS issue: hi p99 under saturation <= 0.5x htb's (hi's same-node ping-pong on the bypass)",
         ),
     ));
     out.extend(Ratio::of_samples(
@@ -176,6 +188,13 @@ mod tests {
                 ql,
             );
             c.add("priority.hi_rtt_p99.saturated", Mode::Htb, "us", rep, htb);
+            c.add(
+                "priority.hi_rtt_p99.saturated",
+                Mode::QuicklaneBypass,
+                "us",
+                rep,
+                htb / 4.0,
+            );
             c.add("priority.hi_rtt_p99.idle", Mode::Quicklane, "us", rep, 25.0);
             c.add(
                 "rate-accuracy.tcp_rate.200M",
@@ -199,6 +218,9 @@ mod tests {
         let vs_htb = get("priority.hi_rtt_p99.saturated");
         assert_eq!(vs_htb.samples, vec![30.0 / 90.0, 45.0 / 60.0]);
         assert!(!vs_htb.met, "the median, 0.54, is above 0.5");
+        let bypass = get("priority.hi_rtt_p99.saturated.with-bypass");
+        assert_eq!(bypass.samples, vec![0.25, 0.25]);
+        assert!(bypass.met);
         let vs_idle = get("priority.hi_rtt_p99.vs-idle");
         assert_eq!(vs_idle.samples, vec![1.2, 1.8]);
         let rate = get("rate-accuracy.tcp_rate.200M");
@@ -206,6 +228,6 @@ mod tests {
         assert_eq!(rate.better, Better::Near);
         // No samples, no check: nothing is invented.
         assert!(ratios.iter().all(|r| r.metric != "preemption.hi_time"));
-        assert_eq!(c.figures().len(), 5);
+        assert_eq!(c.figures().len(), 6);
     }
 }

@@ -9,7 +9,9 @@
 //! - `cpu`: CPU-seconds per Gbit of those TCP runs (the node's cgroup, `cpu.rs`).
 //! - `priority`: capacity C; `hi` priority 0, `lo` priority 2 with guarantee G. `hi`'s
 //!   sockperf ping-pong round trips to `sink`, idle and while `lo` saturates (iperf3), and
-//!   `lo`'s rate meanwhile. Arms: quicklane, htb (tbf has no priorities: n/a).
+//!   `lo`'s rate meanwhile. Arms: quicklane, htb (tbf has no priorities: n/a), and
+//!   quicklane+bypass: the agent as a node runs it, where `hi`'s same-node ping-pong is
+//!   redirected while `lo`'s stream is shaped (these two steps only).
 //! - `preemption`: `lo` streams alone, then `hi` starts a bulk stream; from the load
 //!   generator's 1 ms receive timelines, the time until `hi` has 95 % of its share C - G and
 //!   until `lo` is within 10 % of G. Arms: quicklane, htb.
@@ -60,7 +62,7 @@ const HI_IDLE_SECS: f64 = 3.0;
 const HI_GAP_SECS: f64 = LO_TAIL_SECS + 0.3;
 
 /// The arms, in the order of repetition 0.
-const ARMS: [Mode; 3] = [Mode::Quicklane, Mode::Htb, Mode::Tbf];
+const ARMS: [Mode; 4] = [Mode::Quicklane, Mode::Htb, Mode::Tbf, Mode::QuicklaneBypass];
 
 /// What a run measures and for how long.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,10 +135,24 @@ impl Plan {
         order
     }
 
-    fn steps(block: Block) -> Vec<Step> {
+    /// The arms that run `block`: tbf has no priorities, and the bypass arm measures hi's
+    /// latency only, in the full profile (the quick one must stay under two minutes).
+    fn arms(&self, block: Block) -> Vec<Mode> {
         match block {
-            Block::Rate(limit) => vec![Step::Tcp(limit), Step::Udp(limit)],
-            Block::Priority => vec![Step::Idle, Step::Saturated, Step::Preemption],
+            Block::Rate(_) => vec![Mode::Quicklane, Mode::Htb, Mode::Tbf],
+            Block::Priority if self.profile == Profile::Full => {
+                vec![Mode::Quicklane, Mode::Htb, Mode::QuicklaneBypass]
+            }
+            Block::Priority => vec![Mode::Quicklane, Mode::Htb],
+        }
+    }
+
+    fn steps(block: Block, arm: Mode) -> Vec<Step> {
+        match (block, arm) {
+            (Block::Rate(limit), _) => vec![Step::Tcp(limit), Step::Udp(limit)],
+            // The bypass changes hi's latency; preemption is the shaper's alone.
+            (Block::Priority, Mode::QuicklaneBypass) => vec![Step::Idle, Step::Saturated],
+            (Block::Priority, _) => vec![Step::Idle, Step::Saturated, Step::Preemption],
         }
     }
 
@@ -161,13 +177,11 @@ impl Plan {
     }
 
     fn block_secs(&self, block: Block, arm: Mode) -> f64 {
-        let steps: f64 = Self::steps(block).iter().map(|&s| self.step_secs(s)).sum();
-        steps
-            + if arm == Mode::Quicklane {
-                AGENT_SECS
-            } else {
-                0.05
-            }
+        let steps: f64 = Self::steps(block, arm)
+            .iter()
+            .map(|&s| self.step_secs(s))
+            .sum();
+        steps + if agent_arm(arm) { AGENT_SECS } else { 0.05 }
     }
 
     /// Planned seconds for the whole run.
@@ -175,7 +189,7 @@ impl Plan {
         let rep: f64 = self
             .blocks()
             .into_iter()
-            .flat_map(|b| b.arms().iter().map(move |&a| (b, a)).collect::<Vec<_>>())
+            .flat_map(|b| self.arms(b).into_iter().map(move |a| (b, a)))
             .map(|(b, a)| self.block_secs(b, a))
             .sum();
         self.reps as f64 * rep
@@ -186,7 +200,11 @@ impl Plan {
             * self
                 .blocks()
                 .into_iter()
-                .map(|b| b.arms().len() * Self::steps(b).len())
+                .flat_map(|b| {
+                    self.arms(b)
+                        .into_iter()
+                        .map(move |a| Self::steps(b, a).len())
+                })
                 .sum::<usize>()
     }
 
@@ -219,14 +237,6 @@ enum Block {
 }
 
 impl Block {
-    fn arms(self) -> &'static [Mode] {
-        match self {
-            Self::Rate(_) => &ARMS,
-            // tbf is a single bucket: nothing to prioritise with.
-            Self::Priority => &[Mode::Quicklane, Mode::Htb],
-        }
-    }
-
     fn name(self) -> String {
         match self {
             Self::Rate(limit) => format!("rate-accuracy-{}", arms::quantity(limit)),
@@ -336,6 +346,11 @@ pub fn run(plan: &Plan, ctx: &Context) -> Result<Results, Error> {
     })
 }
 
+/// Whether `arm` is the agent (rather than a qdisc).
+fn agent_arm(arm: Mode) -> bool {
+    matches!(arm, Mode::Quicklane | Mode::QuicklaneBypass)
+}
+
 /// An arm set up for one block; undone by [`Bench::finish`], or by its guards on an error.
 enum Armed<'a> {
     Agent(Agent),
@@ -351,14 +366,15 @@ impl<'a> Bench<'a> {
         for rep in 0..self.plan.reps {
             let order = Plan::order(rep);
             for block in self.plan.blocks() {
-                for &arm in order.iter().filter(|a| block.arms().contains(a)) {
+                let arms = self.plan.arms(block);
+                for &arm in order.iter().filter(|a| arms.contains(a)) {
                     let armed = self.arm(block, arm, rep)?;
-                    for step in Plan::steps(block) {
+                    for step in Plan::steps(block, arm) {
                         progress.begin(rep, self.plan.reps, arm, &step.label());
                         self.step(step, arm, rep)?;
                         progress.end(self.plan.step_secs(step));
                     }
-                    self.finish(armed, block, rep)?;
+                    self.finish(armed, block, arm, rep)?;
                 }
             }
         }
@@ -370,11 +386,17 @@ impl<'a> Bench<'a> {
         let sink = self.node.pod(2).host_ifname().to_owned();
         let mut described = Vec::new();
         for block in self.plan.blocks() {
-            for &arm in block.arms() {
+            for arm in self.plan.arms(block) {
                 let text = match self.shaper(block, arm) {
                     Some(shaper) => shaper.describe(&sink),
                     None => format!(
-                        "agent with [qos] (bypass off), see raw/*quicklane-{}.toml",
+                        "agent with [qos] (bypass {}), see raw/*{}-{}.toml",
+                        if arm == Mode::QuicklaneBypass {
+                            "on"
+                        } else {
+                            "off"
+                        },
+                        arm.name(),
                         block.name()
                     ),
                 };
@@ -414,7 +436,7 @@ impl<'a> Bench<'a> {
         }
     }
 
-    fn agent_config(&self, block: Block) -> String {
+    fn agent_config(&self, block: Block, arm: Mode) -> String {
         let (hi, lo, sink) = (self.node.pod(0), self.node.pod(1), self.node.pod(2));
         let q = arms::quantity;
         let (capacity, pods) = match block {
@@ -441,7 +463,7 @@ impl<'a> Bench<'a> {
                 ],
             ),
         };
-        arms::agent_config(self.node, capacity, &pods)
+        arms::agent_config(self.node, capacity, &pods, arm == Mode::QuicklaneBypass)
     }
 
     fn arm(&mut self, block: Block, arm: Mode, rep: usize) -> Result<Armed<'a>, Error> {
@@ -449,8 +471,8 @@ impl<'a> Bench<'a> {
             let ifname = self.node.pod(2).host_ifname().to_owned();
             return Ok(Armed::Qdisc(qdisc::install(self.node, &ifname, &shaper)?));
         }
-        let text = self.agent_config(block);
-        let name = format!("quicklane-{}", block.name());
+        let text = self.agent_config(block, arm);
+        let name = format!("{}-{}", arm.name(), block.name());
         if rep == 0 {
             self.rec.save(&name, "toml", &text)?;
         }
@@ -468,7 +490,13 @@ impl<'a> Bench<'a> {
     }
 
     /// Undoes an arm; for the agent, keeps its counters and checks that it shaped.
-    fn finish(&mut self, armed: Armed<'_>, block: Block, rep: usize) -> Result<(), Error> {
+    fn finish(
+        &mut self,
+        armed: Armed<'_>,
+        block: Block,
+        arm: Mode,
+        rep: usize,
+    ) -> Result<(), Error> {
         match armed {
             Armed::Qdisc(installed) => installed.remove(),
             Armed::Agent(agent) => {
@@ -488,9 +516,13 @@ impl<'a> Bench<'a> {
                         .params
                         .insert("quicklane.enforcement".into(), e.to_owned());
                 }
+                let name = match arm {
+                    Mode::QuicklaneBypass => format!("{} (with the bypass)", block.name()),
+                    _ => block.name(),
+                };
                 self.extras.agent.push(AgentBlock {
                     rep,
-                    block: Some(block.name()),
+                    block: Some(name),
                     counters,
                 });
                 Ok(())
@@ -553,13 +585,30 @@ mod tests {
     }
 
     #[test]
-    fn arms_rotate_and_tbf_sits_out_the_priority_block() {
+    fn arms_rotate_and_sit_out_the_blocks_they_add_nothing_to() {
         assert_eq!(Plan::order(0), ARMS);
-        assert_eq!(Plan::order(1), [Mode::Htb, Mode::Tbf, Mode::Quicklane]);
-        assert_eq!(Plan::order(3), Plan::order(0));
-        assert_eq!(Block::Priority.arms(), [Mode::Quicklane, Mode::Htb]);
-        let plan = Plan::new(Profile::Quick, &Overrides::default()).unwrap();
-        // Per rep: 3 arms x 2 rate steps + 2 arms x 3 priority steps.
-        assert_eq!(plan.step_count(), 3 * (6 + 6));
+        assert_eq!(
+            Plan::order(1),
+            [Mode::Htb, Mode::Tbf, Mode::QuicklaneBypass, Mode::Quicklane]
+        );
+        assert_eq!(Plan::order(4), Plan::order(0));
+        let quick = Plan::new(Profile::Quick, &Overrides::default()).unwrap();
+        let full = Plan::new(Profile::Full, &Overrides::default()).unwrap();
+        assert_eq!(
+            full.arms(Block::Priority),
+            [Mode::Quicklane, Mode::Htb, Mode::QuicklaneBypass]
+        );
+        assert_eq!(quick.arms(Block::Priority), [Mode::Quicklane, Mode::Htb]);
+        assert_eq!(
+            full.arms(Block::Rate(1)),
+            [Mode::Quicklane, Mode::Htb, Mode::Tbf]
+        );
+        assert_eq!(
+            Plan::steps(Block::Priority, Mode::QuicklaneBypass),
+            [Step::Idle, Step::Saturated]
+        );
+        // Per rep: 3 arms x 2 rate steps + 2 arms x 3 priority steps (+ 2 bypass steps).
+        assert_eq!(quick.step_count(), 3 * (6 + 6));
+        assert_eq!(full.step_count(), full.reps * (3 * 6 + 6 + 2));
     }
 }
