@@ -23,16 +23,17 @@ pub struct SockopsConfig {
     pub abi_version: u32,
     /// `SOCKOPS_F_*` bits.
     pub flags: u32,
-    /// Messages below this size count towards a stream that TCP carries better (0: none).
+    /// A window of unanswered messages averaging below this size is a small-message stream,
+    /// which moves to TCP (0: never). See `bypass::StreamPolicy`.
     pub small_msg_bytes: u32,
-    /// After this many consecutive messages that TCP carries better (see the `*_msg_bytes`
-    /// bounds and `SOCKOPS_F_LOOPBACK_STREAMS_TCP`) with no message from the peer in between,
-    /// the sending direction moves to the normal TCP path.
+    /// Messages per window: the sending direction is judged after this many messages with
+    /// no message from the peer in between.
     pub stream_streak: u32,
     /// How far ahead of now a shaped pod's timeline may run with bypassed bytes before its
     /// connection leaves the bypass for the paced, shaped TCP path (ns).
     pub qos_burst_ns: u32,
-    /// Messages of at least this size count towards such a stream too (0: none).
+    /// A window averaging at least this size is a large-message stream, which moves to TCP
+    /// too (0: never).
     pub large_msg_bytes: u32,
 }
 
@@ -44,7 +45,7 @@ pub const SOCKOPS_F_BYPASS: u32 = 1;
 pub const SOCKOPS_F_CGROUP_ORIGIN: u32 = 2;
 /// Pace TCP sockets of shaped pods (`SO_MAX_PACING_RATE`) from the QoS rate tables.
 pub const SOCKOPS_F_PACING: u32 = 4;
-/// Over loopback, unanswered streams of any message size move to TCP (see `stream_streak`).
+/// Over loopback, every full window of unanswered messages moves to TCP, whatever its sizes.
 pub const SOCKOPS_F_LOOPBACK_STREAMS_TCP: u32 = 8;
 
 #[cfg(feature = "user")]
