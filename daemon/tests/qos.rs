@@ -424,23 +424,11 @@ fn three_priorities_with_an_idle_pod_whose_share_goes_to_its_class() {
     // From 3 s on, mid2 has been idle long enough to hold no share of class 1.
     let settled = |m: &Measured| mean(&m.intervals[6..11]);
     assert_within("hi at its limit", settled(&m[0]), 150.0 * MBIT, 0.05);
-    // Work conservation: mid1 holds its class's whole share (at least), and the node stays
-    // within its capacity. Not an exact 220M for mid1: in about one run in four here mid1
-    // settles at 1.052x of its share from the first second on (231 Mbit/s, 115.7 while mid2
-    // still counted), with hi and lo unchanged, so the node carries ~409 of 400M. In such a
-    // run no connection was demoted by the stream rules (over-rate only, as in normal runs);
-    // the cause is not found yet (see the issue notes).
-    let mid1 = settled(&m[1]);
-    assert!(
-        mid1 >= 0.95 * 220.0 * MBIT,
-        "mid1 with the idle mid2's share: {:.1} Mbit/s, below 0.95x of 220",
-        mid1 / MBIT
-    );
-    let total: f64 = m.iter().map(settled).sum();
-    assert!(
-        total <= 1.05 * 400.0 * MBIT,
-        "the node above its capacity: {:.1} Mbit/s of 400",
-        total / MBIT
+    assert_within(
+        "mid1 with the idle mid2's share",
+        settled(&m[1]),
+        220.0 * MBIT,
+        0.05,
     );
     assert_within("lo at its guarantee", settled(&m[2]), 30.0 * MBIT, 0.07);
     assert_eq!(m.iter().map(|m| m.retransmits).sum::<u64>(), 0);
