@@ -53,7 +53,7 @@ fn main() -> Result<()> {
         .env("RUSTC_BOOTSTRAP", "1")
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
-            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf\x1f-Dwarnings",
         )
         .args(["build", "--release", "--locked", "--bins"])
         .args(["--target", "bpfel-unknown-none", "--ignore-rust-version"])

@@ -6,25 +6,40 @@
     reason = "BPF code cannot call out-of-line functions from every program type"
 )]
 
-use crate::qos::{effective_rate, transmit_ns, ClassActivity, Classes, QosPod, CLASSES};
+use crate::qos::{
+    effective_rate, transmit_ns, window_average, ClassActivity, Classes, QosPod, CLASSES,
+};
 
-/// Claims `delta` ns of the timeline and returns the departure time. An idle aggregate's
-/// timeline lags behind `now`; it restarts at `now` (racing restarts can lose a few
-/// packets' time, which errs towards sending).
+/// Claims `delta` ns of the timeline and returns the departure time. A timeline that lags
+/// `now` by more than `credit` ns restarts `credit` behind it: an aggregate that fell behind
+/// its rate (a sender descheduled for a few ms, a timer that fired late) may catch up by that
+/// much, no more, so its rate holds over any interval to within `credit`. Racing restarts can
+/// lose a few packets' time, which errs towards sending.
 ///
 /// # Safety
 /// `timeline` must be valid and 8-byte aligned.
 #[inline(always)]
-pub unsafe fn claim(timeline: *mut u64, now: u64, delta: u64) -> u64 {
+pub unsafe fn claim(timeline: *mut u64, now: u64, delta: u64, credit: u64) -> u64 {
     // SAFETY: guaranteed by the caller.
     let prev = unsafe { atomic_fetch_add(timeline, delta) };
-    if prev < now {
+    let floor = now.saturating_sub(credit);
+    if prev < floor {
         // SAFETY: as above.
-        unsafe { core::ptr::write_volatile(timeline, now + delta) };
-        now
+        unsafe { core::ptr::write_volatile(timeline, floor + delta) };
+        floor
     } else {
         prev
     }
+}
+
+/// How far the timeline lags `now` (ns): the catch-up credit its aggregate has left.
+///
+/// # Safety
+/// `timeline` must be valid and 8-byte aligned.
+#[inline(always)]
+pub unsafe fn lag(timeline: *const u64, now: u64) -> u64 {
+    // SAFETY: guaranteed by the caller.
+    now.saturating_sub(unsafe { core::ptr::read_volatile(timeline) })
 }
 
 /// Charges `len` bytes of `pod` in direction `dir`: notes them in the class's activity
@@ -47,12 +62,13 @@ pub unsafe fn charge(
     classes: Classes,
     activity: Option<*mut ClassActivity>,
     timeline: *mut u64,
+    credit: u64,
 ) -> (u64, u64) {
     // SAFETY: guaranteed by the caller.
     let classes = unsafe { note_activity(classes, activity, pod.class, len, now, window) };
     let delta = transmit_ns(len, effective_rate(pod, dir, classes.mask(now), &classes));
     // SAFETY: guaranteed by the caller.
-    (unsafe { claim(timeline, now, delta) }, delta)
+    (unsafe { claim(timeline, now, delta, credit) }, delta)
 }
 
 /// Gives `delta` ns back to the timeline (a claim that did not send).
@@ -89,12 +105,13 @@ pub unsafe fn note_activity(
             let a = &mut *p;
             let since = now.saturating_sub(core::ptr::read_volatile(&raw const a.window_start));
             if since >= window {
-                let last = if since < 2 * window {
-                    core::ptr::read_volatile(&raw const a.bytes)
-                } else {
-                    0
-                };
-                core::ptr::write_volatile(&raw mut a.last_bytes, last);
+                let avg = window_average(
+                    core::ptr::read_volatile(&raw const a.avg_bytes),
+                    core::ptr::read_volatile(&raw const a.bytes),
+                    since,
+                    window,
+                );
+                core::ptr::write_volatile(&raw mut a.avg_bytes, avg);
                 core::ptr::write_volatile(&raw mut a.window_start, now);
                 core::ptr::write_volatile(&raw mut a.bytes, 0);
             }
@@ -163,16 +180,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_idle_timeline_restarts_at_now_and_a_busy_one_queues() {
+    fn an_idle_timeline_restarts_its_credit_behind_now_and_a_busy_one_queues() {
         let mut t = 0u64;
         // SAFETY: a local, aligned u64.
         unsafe {
-            assert_eq!(claim(&raw mut t, 1000, 10), 1000);
-            assert_eq!(t, 1010);
-            assert_eq!(claim(&raw mut t, 1001, 10), 1010);
-            assert_eq!(t, 1020);
+            // Idle since 0: restarts 100 ns (the credit) behind now.
+            assert_eq!(claim(&raw mut t, 1000, 10, 100), 900);
+            assert_eq!(t, 910);
+            assert_eq!(lag(&raw const t, 1000), 90);
+            // Within the credit: the timeline keeps its place, the sender catches up.
+            assert_eq!(claim(&raw mut t, 1000, 10, 100), 910);
+            assert_eq!(claim(&raw mut t, 1000, 85, 100), 920);
+            assert_eq!(t, 1005);
+            // Ahead of now: departures queue.
+            assert_eq!(claim(&raw mut t, 1001, 10, 100), 1005);
+            assert_eq!(t, 1015);
+            assert_eq!(lag(&raw const t, 1001), 0);
             hand_back(&raw mut t, 10);
-            assert_eq!(t, 1010);
+            assert_eq!(t, 1005);
+            // No credit: restarts at now.
+            assert_eq!(claim(&raw mut t, 5000, 10, 0), 5000);
         }
     }
 }

@@ -14,7 +14,7 @@ pub mod sock;
 
 /// Bumped whenever a shared layout or a load-time global changes meaning, so a daemon never
 /// adopts pins written by an incompatible datapath.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// Load-time settings of the sock_ops/sk_msg object (`QL_SOCKOPS_CONFIG` global).
 #[repr(C)]
@@ -35,6 +35,9 @@ pub struct SockopsConfig {
     /// A window averaging at least this size is a large-message stream, which moves to TCP
     /// too (0: never).
     pub large_msg_bytes: u32,
+    /// How far a shaped pod's timeline may lag now and still be caught up (ns): the tc
+    /// object's `QosConfig::credit_ns`, which sk_msg's charges and the pacing need too.
+    pub qos_credit_ns: u32,
 }
 
 /// Record established sockets in the sockhash and redirect messages between same-node peers.
@@ -52,4 +55,4 @@ pub const SOCKOPS_F_LOOPBACK_STREAMS_TCP: u32 = 8;
 // SAFETY: repr(C), Copy, no padding (asserted below).
 unsafe impl aya::Pod for SockopsConfig {}
 
-const _: () = assert!(core::mem::size_of::<SockopsConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<SockopsConfig>() == 28);

@@ -135,6 +135,9 @@ pub struct QosConfig {
     pub ce_threshold_ns: u64,
     /// A class counts as active for this long after its last packet.
     pub active_window_ns: u64,
+    /// How far an aggregate's timeline may lag now and still be caught up (see
+    /// `edt::claim`).
+    pub credit_ns: u64,
 }
 
 /// Shape at all (the tc programs only count without it).
@@ -159,8 +162,9 @@ pub struct ClassActivity {
     pub window_start: u64,
     /// Bytes since `window_start`, added atomically.
     pub bytes: u64,
-    /// Bytes of the window before (0 if that was not the one right before).
-    pub last_bytes: u64,
+    /// Bytes per window the class sent recently: a moving average over the windows that
+    /// ended (see `window_average`).
+    pub avg_bytes: u64,
     /// The class competes until this time.
     pub active_until: u64,
     /// Written by userspace: bytes per window that make the class compete.
@@ -175,7 +179,8 @@ pub struct ClassActivity {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Classes {
     pub until: [u64; CLASSES],
-    /// Bytes per window each class sends now (the larger of the last and the current window).
+    /// Bytes per window each class sends now (the larger of its average and the current
+    /// window, so a class that speeds up counts at once and one that slows down gradually).
     pub used: [u64; CLASSES],
     pub capacity: u64,
     pub window_ns: u64,
@@ -201,10 +206,10 @@ impl Classes {
     pub fn add(&mut self, class: usize, a: &ClassActivity) {
         if class < CLASSES {
             self.until[class] = a.active_until;
-            self.used[class] = if a.bytes > a.last_bytes {
+            self.used[class] = if a.bytes > a.avg_bytes {
                 a.bytes
             } else {
-                a.last_bytes
+                a.avg_bytes
             };
             self.capacity = a.capacity;
             self.window_ns = a.window_ns;
@@ -261,6 +266,27 @@ pub fn effective_rate(pod: &QosPod, dir: u32, mask: u32, classes: &Classes) -> u
     }
 }
 
+/// The class's average bytes per window once a window ended `since` ns after it began,
+/// holding `bytes`. A window closes at the first packet after it ran out, so it spans
+/// `since`, not `window`: its bytes are scaled to one window before they enter the average.
+/// One window alone is no measure: a sender whose GSO or GRO packets carry 64 KiB puts two,
+/// three or four of them into 10 ms at 150 Mbit/s, and a lower class lent capacity on the
+/// strength of a two-packet window would push the node past its capacity. The average moves a
+/// quarter of the way per window; after three silent windows it starts again from nothing.
+#[inline(always)]
+pub fn window_average(avg: u64, bytes: u64, since: u64, window: u64) -> u64 {
+    let window = if window == 0 { 1 } else { window };
+    if since >= 4 * window {
+        return 0;
+    }
+    // since / window in 1/256ths: 256..1024 here, and no overflow for any byte count a
+    // window of at most 10 s can hold.
+    let span = since * 256 / window;
+    let span = if span < 256 { 256 } else { span };
+    let ended = bytes * 256 / span;
+    avg - avg / 4 + ended / 4
+}
+
 /// Share of the link, per mille, a class must use to compete.
 pub const ACTIVE_THRESHOLD_PER_MILLE: u64 = 10;
 
@@ -298,6 +324,21 @@ pub fn transmit_ns(len: u64, rate: u64) -> u64 {
     len * 1_000_000_000 / rate
 }
 
+/// The pacing rate for a TCP socket of an aggregate at `rate` whose timeline lags now by
+/// `lag` ns. TCP's own pacing makes up for a late send only up to half a packet's time, so a
+/// sender that loses the CPU for a few ms (2 vCPUs shared by senders, receivers and softirqs)
+/// stays behind for good; while more than a quarter of the aggregate's catch-up `credit` is
+/// unused, its sockets pace a quarter faster. The claim on the timeline bounds what that
+/// catches up to the credit, so the rate still holds over any interval.
+#[inline(always)]
+pub fn paced_rate(rate: u64, lag: u64, credit: u64) -> u64 {
+    if credit != 0 && lag > credit / 4 {
+        rate + rate / 4
+    } else {
+        rate
+    }
+}
+
 /// What the shaper does with a packet that departs `late_ns` after now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -331,7 +372,7 @@ mod pod_impls {
 const _: () = assert!(core::mem::size_of::<QosPod>() == 8 + 2 * 8 * MASKS);
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<QosStats>() == 40);
-const _: () = assert!(core::mem::size_of::<QosConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<QosConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<ClassActivity>() == 56);
 
 #[cfg(test)]
@@ -379,10 +420,40 @@ mod tests {
     }
 
     #[test]
+    fn class_use_is_averaged_over_windows_scaled_to_their_length() {
+        let w = 10_000_000;
+        // A window that ran 12.5 ms counts as 0.8 of its bytes.
+        assert_eq!(window_average(0, 1_000, w + w / 4, w), 200);
+        // Windows alternating two and four 64 KiB packets settle near three.
+        let mut avg = 0;
+        for i in 0..64 {
+            let packets = if i % 2 == 0 { 2 } else { 4 };
+            avg = window_average(avg, packets * 65_536, w, w);
+        }
+        assert!(
+            (3 * 65_536 * 9 / 10..=3 * 65_536 * 11 / 10).contains(&avg),
+            "{avg}"
+        );
+        // Three silent windows: nothing is left.
+        assert_eq!(window_average(avg, 65_536, 4 * w, w), 0);
+        // A window of 0 (not yet written) does not divide by zero.
+        assert_eq!(window_average(0, 4, 0, 0), 1);
+    }
+
+    #[test]
     fn transmit_time_and_floor() {
         // 1500 B at 12.5 MB/s (100 Mbit/s) = 120 us.
         assert_eq!(transmit_ns(1500, 12_500_000), 120_000);
         assert_eq!(transmit_ns(1000, 0), 1_000_000_000);
+    }
+
+    #[test]
+    fn a_lagging_aggregate_paces_faster_until_caught_up() {
+        assert_eq!(paced_rate(1000, 0, 100), 1000);
+        assert_eq!(paced_rate(1000, 25, 100), 1000);
+        assert_eq!(paced_rate(1000, 26, 100), 1250);
+        // Without credit nothing is caught up.
+        assert_eq!(paced_rate(1000, 1_000_000, 0), 1000);
     }
 
     #[test]

@@ -3,14 +3,14 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use aya::{
-    maps::{Map, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap},
     programs::{links::FdLink, links::PinnedLink, loaded_programs},
 };
 use serde::Serialize;
 
 use quicklane_common::{
     bypass::{FlowKey, Traffic},
-    qos::{aggregate, QosStats, DIR_EGRESS, DIR_INGRESS},
+    qos::{aggregate, ClassActivity, Classes, QosStats, CLASSES, DIR_EGRESS, DIR_INGRESS},
 };
 
 use crate::{
@@ -56,6 +56,19 @@ pub struct QosStatus {
     pub policy: QosSummary,
     /// Per pod, in policy order: (egress, ingress) counters summed over CPUs.
     pub pods: Vec<QosPodCounters>,
+    /// The priority classes as the datapath sees them now, egress then ingress.
+    pub classes: Vec<ClassNow>,
+}
+
+/// One class in one direction: whether it competes for capacity now and what it sends (the
+/// figure lower classes are lent capacity against).
+#[derive(Debug, Serialize, Clone, Copy, PartialEq, Eq)]
+pub struct ClassNow {
+    pub direction: &'static str,
+    /// 0..=2 online priorities, 3 offline.
+    pub class: u32,
+    pub competing: bool,
+    pub used_bps: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -219,7 +232,43 @@ fn qos_status(pins: &PinDir, policy: QosSummary) -> Result<QosStatus, StatusErro
             })
         })
         .collect::<Result<_, StatusError>>()?;
-    Ok(QosStatus { policy, pods })
+    let classes = class_status(pins)?;
+    Ok(QosStatus {
+        policy,
+        pods,
+        classes,
+    })
+}
+
+fn class_status(pins: &PinDir) -> Result<Vec<ClassNow>, StatusError> {
+    let map_name = "QL_QOS_ACTIVE";
+    let err = |message: String| StatusError::Counters {
+        map: map_name.to_owned(),
+        message,
+    };
+    let data = open_pinned_map(pins, map_name).map_err(|e| err(e.to_string()))?;
+    let active: Array<MapData, ClassActivity> =
+        Array::try_from(Map::Array(data)).map_err(|e| err(e.to_string()))?;
+    // The datapath's clock (bpf_ktime_get_ns).
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_err(|e| err(e.to_string()))?;
+    let now = u64::try_from(std::time::Duration::from(now).as_nanos()).unwrap_or(u64::MAX);
+    let mut out = Vec::new();
+    for (dir, direction) in [(DIR_EGRESS, "egress"), (DIR_INGRESS, "ingress")] {
+        let rows: Vec<Option<ClassActivity>> = (0..2 * CLASSES as u32)
+            .map(|i| active.get(&i, 0).ok())
+            .collect();
+        let classes = Classes::read(dir, |i| rows.get(i as usize).and_then(Option::as_ref));
+        for class in 0..CLASSES {
+            out.push(ClassNow {
+                direction,
+                class: class as u32,
+                competing: classes.until[class] > now,
+                used_bps: classes.used_rate(1 << class) * 8,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Folds the per-(sender, receiver) flow counters into per-pod tx and rx.
@@ -412,6 +461,22 @@ impl QosStatus {
         }
         for r in &self.policy.refused {
             let _ = writeln!(s, "  refused {}: {}", r.name, r.reason);
+        }
+        for direction in ["egress", "ingress"] {
+            let classes: Vec<String> = self
+                .classes
+                .iter()
+                .filter(|c| c.direction == direction)
+                .map(|c| {
+                    format!(
+                        "{} {} {}",
+                        c.class,
+                        if c.competing { "competing" } else { "idle" },
+                        quicklane_qos::Rate::from_bits_per_sec(c.used_bps)
+                    )
+                })
+                .collect();
+            let _ = writeln!(s, "  classes {direction}: {}", classes.join(", "));
         }
     }
 }

@@ -10,9 +10,10 @@ use simnode::{Node, Pod, Proc};
 use support::{
     counter,
     iperf::{
-        assert_within, iperf, iperf_server, iperf_spawn, measured, one_at_a_time, Measured, MBIT,
+        assert_within, iperf, iperf_server, iperf_spawn, measured, one_at_a_time, udp_arrived_wire,
+        udp_rcvbuf_errors, Measured, MBIT,
     },
-    status, write_config, Agent,
+    qos_report, status, write_config, Agent,
 };
 
 fn privileged(test: &str) -> bool {
@@ -77,9 +78,16 @@ fn a_pods_egress_limit_holds_for_tcp_cubic_bbr_and_udp() {
         );
     }
     let _srv = iperf_server(b, 5203);
+    let before = udp_rcvbuf_errors(b);
     let m = iperf(a, b, 5203, 4, &["-u", "-b", "400M", "-l", "1400"]);
-    eprintln!("udp: {m:?}");
-    assert_within("UDP", m.bits_per_sec, limit, 0.05);
+    let overflowed = udp_rcvbuf_errors(b) - before;
+    eprintln!("udp: {m:?}, {overflowed} datagrams overflowed the receiver's buffer");
+    assert_within(
+        "UDP on the wire",
+        udp_arrived_wire(&m, overflowed, 1400),
+        limit,
+        0.05,
+    );
 
     let s = status(&node);
     assert!(counter(&s, "sockops", "conn_paced") >= 2, "{s:#}");
@@ -130,6 +138,7 @@ fn priorities_hold_shares_and_guarantees_and_lend_idle_capacity() {
     let hi_m = iperf(hi, sink, 5302, 3, &["-i", "0.5"]);
     let lo_m = measured(&lo_run.wait_with_output().unwrap());
     eprintln!("hi: {hi_m:?}\nlo: {lo_m:?}");
+    eprintln!("{}", qos_report(&node));
     let lo_iv = &lo_m.intervals;
     assert!(lo_iv.len() >= 13, "{lo_iv:?}");
     // Alone, the low class borrows the whole link.
@@ -187,6 +196,7 @@ fn an_ingress_limit_holds_changes_live_and_lifts_when_removed() {
     let _srv = iperf_server(b, 5401);
     // The sender is paced for the receiver's ingress limit (both on this node).
     let m = iperf(a, b, 5401, 3, &[]);
+    eprintln!("tcp: {m:?}");
     assert_within(
         "TCP into a 100M ingress limit",
         m.bits_per_sec,
@@ -194,10 +204,13 @@ fn an_ingress_limit_holds_changes_live_and_lifts_when_removed() {
         0.05,
     );
     assert_eq!(m.retransmits, 0);
+    let before = udp_rcvbuf_errors(b);
     let m = iperf(a, b, 5401, 3, &["-u", "-b", "300M", "-l", "1400"]);
+    let overflowed = udp_rcvbuf_errors(b) - before;
+    eprintln!("udp: {m:?}, {overflowed} datagrams overflowed the receiver's buffer");
     assert_within(
-        "UDP into a 100M ingress limit",
-        m.bits_per_sec,
+        "UDP on the wire into a 100M ingress limit",
+        udp_arrived_wire(&m, overflowed, 1400),
         100.0 * MBIT,
         0.05,
     );
@@ -416,11 +429,15 @@ fn three_priorities_with_an_idle_pod_whose_share_goes_to_its_class() {
         .enumerate()
         .map(|(i, pod)| iperf_spawn(pod, sink, 5601 + i as u16, 6, &[]))
         .collect();
+    // What the datapath sees while settled: the classes' use behind every lent rate.
+    std::thread::sleep(Duration::from_millis(4500));
+    eprintln!("settled: {}", qos_report(&node));
     let m: Vec<Measured> = runs
         .into_iter()
         .map(|r| measured(&r.wait_with_output().unwrap()))
         .collect();
     eprintln!("{m:#?}");
+    eprintln!("{}", qos_report(&node));
     // From 3 s on, mid2 has been idle long enough to hold no share of class 1.
     let settled = |m: &Measured| mean(&m.intervals[6..11]);
     assert_within("hi at its limit", settled(&m[0]), 150.0 * MBIT, 0.05);
@@ -462,6 +479,7 @@ fn offline_pods_get_volcanos_low_and_high_shares() {
     let web_m = iperf(web, sink, 5702, 3, &[]);
     let batch_m = measured(&batch_run.wait_with_output().unwrap());
     eprintln!("web: {web_m:?}\nbatch: {batch_m:?}");
+    eprintln!("{}", qos_report(&node));
     let iv = &batch_m.intervals;
     assert!(iv.len() >= 13, "{iv:?}");
     // Online idle: offline may use its high share (40 %) and no more.
@@ -511,6 +529,7 @@ fn a_light_high_priority_pod_leaves_the_rest_to_lower_classes() {
     let lo_m = iperf(lo, sink, 5802, 3, &[]);
     let hi_m = measured(&hi_run.wait_with_output().unwrap());
     eprintln!("hi: {hi_m:?}\nlo: {lo_m:?}");
+    eprintln!("{}", qos_report(&node));
     assert_within("hi", hi_m.bits_per_sec, 30.0 * MBIT, 0.05);
     // lo gets what hi leaves, a quarter of hi's use kept spare: 300 * (1 - 37.5/300).
     assert_within("lo", mean(&lo_m.intervals[1..]), 262.5 * MBIT, 0.07);

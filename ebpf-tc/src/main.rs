@@ -1,7 +1,6 @@
 //! See `prog/mod.rs`; the host build is an empty binary so workspace-wide clippy works.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod prog;

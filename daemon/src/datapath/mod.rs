@@ -537,6 +537,7 @@ pub fn load(
         // shaper: at the full CE threshold every packet got marked and cubic fell to 0.92x of
         // a 200M limit with 2 % retransmits; a quarter leaves TCP's bursts room (0.99x, none).
         qos_burst_ns: (tc.ce_threshold_ns / 4).min(u64::from(u32::MAX)) as u32,
+        qos_credit_ns: tc.credit_ns.min(u64::from(u32::MAX)) as u32,
     };
     let mut loader = EbpfLoader::new();
     let maps_dir = pins.maps();

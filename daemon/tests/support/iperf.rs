@@ -97,6 +97,37 @@ pub fn measured(out: &std::process::Output) -> Measured {
     }
 }
 
+/// The rate on the wire of `payload` bits per second sent as `datagram`-byte UDP datagrams
+/// over IPv4: a limit counts each packet as the shaper sees it, Ethernet (14), IPv4 (20) and
+/// UDP (8) headers included, while iperf3 reports payload (1400-byte datagrams: 0.971x).
+pub fn udp4_wire(payload: f64, datagram: u32) -> f64 {
+    payload * f64::from(datagram + 42) / f64::from(datagram)
+}
+
+/// UDP datagrams the kernel dropped in `pod` for want of room in a receiving socket's buffer
+/// (`RcvbufErrors` in /proc/net/snmp, which shows the reader's network namespace).
+pub fn udp_rcvbuf_errors(pod: &Pod) -> u64 {
+    let out = pod.command("cat").arg("/proc/net/snmp").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rows = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (rows.next().unwrap(), rows.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "RcvbufErrors")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// What reached the receiver of a UDP run, on the wire: what iperf3 read plus the
+/// `overflowed` datagrams its socket had no room for. Those were delivered by the shaper and
+/// lost to the test's own CPU contention (a receiver descheduled for 5 ms overflows the
+/// default buffer at 200 Mbit/s), so they count towards the rate the shaper let through.
+pub fn udp_arrived_wire(m: &Measured, overflowed: u64, datagram: u32) -> f64 {
+    let secs = m.bytes as f64 * 8.0 / m.bits_per_sec;
+    let payload = (m.bytes + overflowed * u64::from(datagram)) as f64 * 8.0 / secs;
+    udp4_wire(payload, datagram)
+}
+
 pub fn assert_within(what: &str, measured: f64, target: f64, tolerance: f64) {
     let ratio = measured / target;
     assert!(

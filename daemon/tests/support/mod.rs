@@ -315,3 +315,56 @@ pub fn reload_watching(node: &Node, agent: &Agent, extra: &str, pointer: &str) {
         generation() > before
     });
 }
+
+/// One line per QoS pod (bytes shaped / bypassed, CE marks, drops, each direction) and the
+/// counters that explain a rate: printed by the rate tests, so a failure shows why.
+pub fn qos_report(node: &Node) -> String {
+    use std::fmt::Write as _;
+    let s = status(node);
+    let mut out = String::new();
+    for p in s["qos"]["pods"].as_array().into_iter().flatten() {
+        let dir = |d: &str| {
+            let c = &p[d];
+            format!(
+                "{d} {} B shaped {} B bypassed {} marked {} dropped",
+                c["bytes"], c["bypassed"], c["marked"], c["dropped"]
+            )
+        };
+        let _ = writeln!(out, "{}: {}; {}", p["name"], dir("egress"), dir("ingress"));
+    }
+    for c in s["qos"]["classes"].as_array().into_iter().flatten() {
+        let _ = write!(
+            out,
+            "{} class {} {} {} bit/s; ",
+            c["direction"],
+            c["class"],
+            if c["competing"] == true {
+                "competing"
+            } else {
+                "idle"
+            },
+            c["used_bps"]
+        );
+    }
+    out.push('\n');
+    for (object, names) in [
+        (
+            "tc",
+            &["qos_ce_marked", "qos_dropped", "qos_late_not_ect"][..],
+        ),
+        (
+            "sockops",
+            &[
+                "conn_paced",
+                "pacing_updates",
+                "conn_demoted_over_rate",
+                "conn_locked_tcp",
+            ][..],
+        ),
+    ] {
+        for n in names {
+            let _ = write!(out, "{object}.{n} {} ", s["counters"][object][n]);
+        }
+    }
+    out
+}

@@ -10,7 +10,9 @@ use quicklane_common::{
     qos::{activity_slot, aggregate, Classes, DIR_EGRESS, DIR_INGRESS},
 };
 
-use super::maps::{qos_burst_ns, QL_QOS_ACTIVE, QL_QOS_EDT, QL_QOS_PODS, QL_QOS_STATS};
+use super::maps::{
+    qos_burst_ns, qos_credit_ns, QL_QOS_ACTIVE, QL_QOS_EDT, QL_QOS_PODS, QL_QOS_STATS,
+};
 
 /// One timeline claim, kept to be handed back if the other end's claim fails.
 struct Claim {
@@ -74,8 +76,19 @@ fn claim(
     // The window as userspace wrote it next to the classes (sk_msg has no tc config).
     let window = classes.window_ns;
     // SAFETY: array value pointers, 8-byte aligned.
-    let (departure, delta) =
-        unsafe { edt::charge(pod, dir, size, now, window, classes, activity, timeline) };
+    let (departure, delta) = unsafe {
+        edt::charge(
+            pod,
+            dir,
+            size,
+            now,
+            window,
+            classes,
+            activity,
+            timeline,
+            qos_credit_ns(),
+        )
+    };
     if departure.saturating_sub(now) > burst {
         // SAFETY: as above.
         unsafe { edt::hand_back(timeline, delta) };

@@ -87,6 +87,7 @@ static QL_SOCKOPS_CONFIG: SockopsConfig = SockopsConfig {
     stream_streak: 0,
     qos_burst_ns: 0,
     large_msg_bytes: 0,
+    qos_credit_ns: 0,
 };
 
 #[inline(always)]
@@ -127,6 +128,15 @@ pub fn qos_burst_ns() -> u64 {
     // SAFETY: as for `config_flags`.
     u64::from(unsafe {
         core::ptr::read_volatile(core::ptr::addr_of!(QL_SOCKOPS_CONFIG.qos_burst_ns))
+    })
+}
+
+/// See `SockopsConfig::qos_credit_ns`.
+#[inline(always)]
+pub fn qos_credit_ns() -> u64 {
+    // SAFETY: as for `config_flags`.
+    u64::from(unsafe {
+        core::ptr::read_volatile(core::ptr::addr_of!(QL_SOCKOPS_CONFIG.qos_credit_ns))
     })
 }
 

@@ -2,7 +2,8 @@
 //! pod on this node with an ingress rate, gets `SO_MAX_PACING_RATE` from the QoS rate table,
 //! re-read at every RTT sample so a change of allocation (a new policy, a higher class
 //! becoming active) reaches the socket within one round trip, without userspace in the loop.
-//! TCP then sends at the rate itself, so the tc shaper behind it has nothing to mark or drop;
+//! TCP then sends at the rate itself, so the tc shaper behind it has nothing to mark or drop
+//! (a socket whose aggregate fell behind paces faster until it caught up: `paced_rate`);
 //! and such connections ask for ECN, so what the shaper does mark slows them without a loss.
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG},
@@ -11,12 +12,18 @@ use aya_ebpf::{
 };
 use quicklane_common::{
     counters::sockops as c,
-    qos::{effective_rate, AddrKey, Classes, QosPod, CLASSES, DIR_EGRESS, DIR_INGRESS},
+    edt,
+    qos::{
+        aggregate, effective_rate, paced_rate, AddrKey, Classes, QosPod, CLASSES, DIR_EGRESS,
+        DIR_INGRESS,
+    },
     sock::SockKey,
     SOCKOPS_F_PACING,
 };
 
-use super::maps::{config_flags, count, QL_QOS_ACTIVE, QL_QOS_ADDRS, QL_QOS_PODS};
+use super::maps::{
+    config_flags, count, qos_credit_ns, QL_QOS_ACTIVE, QL_QOS_ADDRS, QL_QOS_EDT, QL_QOS_PODS,
+};
 
 const SOL_SOCKET: i32 = 1;
 const SO_MAX_PACING_RATE: i32 = 47;
@@ -80,17 +87,14 @@ pub fn refresh(ctx: &SockOpsContext, key: &SockKey) -> bool {
 fn apply(ctx: &SockOpsContext, key: &SockKey) -> bool {
     // SAFETY: plain helper call.
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-    let mut rate = u64::MAX;
-    if let Some(pod) = pod_at(key.family, key.local_ip) {
-        if pod.shaped(DIR_EGRESS) {
-            rate = rate.min(rate_now(pod, DIR_EGRESS, now));
-        }
-    }
-    if let Some(pod) = pod_at(key.family, key.remote_ip) {
-        if pod.shaped(DIR_INGRESS) {
-            rate = rate.min(rate_now(pod, DIR_INGRESS, now));
-        }
-    }
+    // `u64::MAX` for "not shaped", not an `Option`: LLVM copies the payload of a `None`
+    // uninitialised, and the verifier refuses reading that register.
+    let rate = direction_rate(key.family, key.local_ip, DIR_EGRESS, now).min(direction_rate(
+        key.family,
+        key.remote_ip,
+        DIR_INGRESS,
+        now,
+    ));
     if rate == u64::MAX {
         return false;
     }
@@ -128,9 +132,23 @@ fn slot_at(family: u32, addr: [u32; 4]) -> Option<u32> {
     unsafe { QL_QOS_ADDRS.get(&key) }.copied()
 }
 
+/// The pacing rate the pod at `addr` asks of this socket for direction `dir` (`u64::MAX` if
+/// that direction is not shaped): its current rate, faster while its aggregate has catching
+/// up to do.
 #[inline(always)]
-fn pod_at(family: u32, addr: [u32; 4]) -> Option<&'static QosPod> {
-    QL_QOS_PODS.get(slot_at(family, addr)?)
+fn direction_rate(family: u32, addr: [u32; 4], dir: u32, now: u64) -> u64 {
+    let Some(slot) = slot_at(family, addr) else {
+        return u64::MAX;
+    };
+    let Some(pod) = QL_QOS_PODS.get(slot).filter(|p| p.shaped(dir)) else {
+        return u64::MAX;
+    };
+    let lag = match QL_QOS_EDT.get_ptr(aggregate(slot, dir)) {
+        // SAFETY: an array value pointer, 8-byte aligned.
+        Some(t) => unsafe { edt::lag(t, now) },
+        None => 0,
+    };
+    paced_rate(rate_now(pod, dir, now), lag, qos_credit_ns())
 }
 
 /// The rate the tc shaper would give this pod's next packet.

@@ -37,6 +37,7 @@ static QL_QOS_CONFIG: QosConfig = QosConfig {
     horizon_ns: 0,
     ce_threshold_ns: 0,
     active_window_ns: 0,
+    credit_ns: 0,
 };
 
 /// The loader's values; read volatile so the compiler does not fold the zero initialiser.

@@ -57,6 +57,7 @@ pub fn shape(ctx: &TcContext, dir: u32) -> Option<i32> {
             classes,
             activity,
             timeline,
+            cfg.credit_ns,
         )
     };
     let late = departure.saturating_sub(now);
@@ -94,7 +95,9 @@ pub fn shape(ctx: &TcContext, dir: u32) -> Option<i32> {
                 0
             }
         };
-        if departure > existing {
+        // A departure in the past (an aggregate catching up within its credit) needs no
+        // stamp: fq sends it at once either way.
+        if departure > now && departure > existing {
             // SAFETY: helper on the live skb. A failure leaves the packet unscheduled, which
             // fq sends at once: the policer arithmetic above still bounds the rate.
             let _ = unsafe { bpf_skb_set_tstamp(ctx.skb.skb, departure, TSTAMP_MONO) };

@@ -51,6 +51,7 @@ pub fn bpf_config(qos: &QosConfig, enforcement: Option<Enforcement>) -> BpfQosCo
         horizon_ns: u64::from(qos.horizon_ms) * ms,
         ce_threshold_ns: u64::from(qos.ce_threshold_us) * 1000,
         active_window_ns: u64::from(qos.active_window_ms) * ms,
+        credit_ns: u64::from(qos.credit_us) * 1000,
     }
 }
 
