@@ -7,7 +7,8 @@
 )]
 
 use crate::qos::{
-    effective_rate, transmit_ns, window_average, ClassActivity, Classes, QosPod, CLASSES,
+    competes_until, effective_rate, transmit_ns, window_average, ClassActivity, Classes, QosPod,
+    CLASSES,
 };
 
 /// Claims `delta` ns of the timeline and returns the departure time. A timeline that lags
@@ -104,9 +105,10 @@ pub unsafe fn note_activity(
         unsafe {
             let a = &mut *p;
             let since = now.saturating_sub(core::ptr::read_volatile(&raw const a.window_start));
+            let mut avg = core::ptr::read_volatile(&raw const a.avg_bytes);
             if since >= window {
-                let avg = window_average(
-                    core::ptr::read_volatile(&raw const a.avg_bytes),
+                avg = window_average(
+                    avg,
                     core::ptr::read_volatile(&raw const a.bytes),
                     since,
                     window,
@@ -116,9 +118,10 @@ pub unsafe fn note_activity(
                 core::ptr::write_volatile(&raw mut a.bytes, 0);
             }
             let total = atomic_fetch_add(&raw mut a.bytes, len) + len;
+            let until = competes_until(now, len, avg, window);
             // Refresh at most twice per window, so busy classes do not store on every packet.
-            if total >= a.threshold && classes.until[own] < now + window / 2 {
-                core::ptr::write_volatile(&raw mut a.active_until, now + window);
+            if total >= a.threshold && classes.until[own] + window / 2 < until {
+                core::ptr::write_volatile(&raw mut a.active_until, until);
             }
         }
     }

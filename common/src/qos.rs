@@ -287,6 +287,19 @@ pub fn window_average(avg: u64, bytes: u64, since: u64, window: u64) -> u64 {
     avg - avg / 4 + ended / 4
 }
 
+/// Until when a class that just sent a `len`-byte packet competes, `avg` being its average
+/// bytes per window: a window past the moment its next packet is due at that average (at most
+/// three windows out). A fixed window is not enough: a 30 Mbit/s class whose TCP packets
+/// leave GRO as 64 KiB aggregates sends one every 17 ms, so with a 10 ms window it looked idle
+/// 40 % of the time, and a class above it took the idle-class rate for that long (220 Mbit/s
+/// and 250 by turns: 1.06x of its share on average, the node past its capacity).
+#[inline(always)]
+pub fn competes_until(now: u64, len: u64, avg: u64, window: u64) -> u64 {
+    let due = (len * window).checked_div(avg).unwrap_or(0);
+    let due = if due > 3 * window { 3 * window } else { due };
+    now + window + due
+}
+
 /// Share of the link, per mille, a class must use to compete.
 pub const ACTIVE_THRESHOLD_PER_MILLE: u64 = 10;
 
@@ -438,6 +451,19 @@ mod tests {
         assert_eq!(window_average(avg, 65_536, 4 * w, w), 0);
         // A window of 0 (not yet written) does not divide by zero.
         assert_eq!(window_average(0, 4, 0, 0), 1);
+    }
+
+    #[test]
+    fn a_class_competes_until_a_window_after_its_next_packet_is_due() {
+        let w = 10_000_000;
+        // 64 KiB every 17 ms (about 37.6 kB per window): next due in 1.7 windows.
+        let until = competes_until(0, 65_536, 37_600, w);
+        assert!((27 * w / 10..28 * w / 10).contains(&until), "{until}");
+        // A steady stream of small packets: about one window.
+        assert_eq!(competes_until(5, 1_500, 1_500_000, w), 5 + w + w / 1000);
+        // No average yet, or a packet far larger than it: bounded.
+        assert_eq!(competes_until(0, 65_536, 0, w), w);
+        assert_eq!(competes_until(0, 65_536, 1, w), 4 * w);
     }
 
     #[test]

@@ -526,7 +526,10 @@ fn a_light_high_priority_pod_leaves_the_rest_to_lower_classes() {
     // hi competes (30M is well above the 1 % threshold) but uses a tenth of the link.
     let hi_run = iperf_spawn(hi, sink, 5801, 5, &["-u", "-b", "30M", "-l", "1000"]);
     std::thread::sleep(Duration::from_secs(1));
-    let lo_m = iperf(lo, sink, 5802, 3, &[]);
+    let lo_run = iperf_spawn(lo, sink, 5802, 3, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    eprintln!("settled: {}", qos_report(&node));
+    let lo_m = measured(&lo_run.wait_with_output().unwrap());
     let hi_m = measured(&hi_run.wait_with_output().unwrap());
     eprintln!("hi: {hi_m:?}\nlo: {lo_m:?}");
     eprintln!("{}", qos_report(&node));

@@ -145,8 +145,13 @@ fn stream_for_tcp(
     meta: &mut SockMeta,
     size: u32,
 ) -> Option<u32> {
-    peer.unanswered = 0;
-    peer.unanswered_bytes = 0;
+    // Only when set: on a one-way stream this would otherwise store into the peer's value
+    // from the sender's CPU on every message. The two counters move together, so a zero
+    // count means zero bytes.
+    if peer.unanswered != 0 {
+        peer.unanswered = 0;
+        peer.unanswered_bytes = 0;
+    }
     meta.unanswered = meta.unanswered.saturating_add(1);
     meta.unanswered_bytes = meta.unanswered_bytes.saturating_add(size);
     let policy = stream_policy();
