@@ -269,10 +269,10 @@ pub fn effective_rate(pod: &QosPod, dir: u32, mask: u32, classes: &Classes) -> u
 /// The class's average bytes per window once a window ended `since` ns after it began,
 /// holding `bytes`. A window closes at the first packet after it ran out, so it spans
 /// `since`, not `window`: its bytes are scaled to one window before they enter the average.
-/// One window alone is no measure: a sender whose GSO or GRO packets carry 64 KiB puts two,
-/// three or four of them into 10 ms at 150 Mbit/s, and a lower class lent capacity on the
-/// strength of a two-packet window would push the node past its capacity. The average moves a
-/// quarter of the way per window; after three silent windows it starts again from nothing.
+/// One window alone is a coarse measure to lend capacity against: a sender whose GSO or GRO
+/// packets carry 64 KiB puts two, three or four of them into 10 ms at 150 Mbit/s. The average
+/// moves a quarter of the way per window; after three silent windows it starts again from
+/// nothing.
 #[inline(always)]
 pub fn window_average(avg: u64, bytes: u64, since: u64, window: u64) -> u64 {
     let window = if window == 0 { 1 } else { window };

@@ -253,11 +253,11 @@ fn class_status(pins: &PinDir) -> Result<Vec<ClassNow>, StatusError> {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map_err(|e| err(e.to_string()))?;
     let now = u64::try_from(std::time::Duration::from(now).as_nanos()).unwrap_or(u64::MAX);
+    let rows: Vec<Option<ClassActivity>> = (0..2 * CLASSES as u32)
+        .map(|i| active.get(&i, 0).ok())
+        .collect();
     let mut out = Vec::new();
     for (dir, direction) in [(DIR_EGRESS, "egress"), (DIR_INGRESS, "ingress")] {
-        let rows: Vec<Option<ClassActivity>> = (0..2 * CLASSES as u32)
-            .map(|i| active.get(&i, 0).ok())
-            .collect();
         let classes = Classes::read(dir, |i| rows.get(i as usize).and_then(Option::as_ref));
         for class in 0..CLASSES {
             out.push(ClassNow {
