@@ -10,7 +10,10 @@ use serde::Serialize;
 
 use quicklane_common::{
     bypass::{FlowKey, Traffic},
-    qos::{aggregate, ClassActivity, Classes, QosStats, CLASSES, DIR_EGRESS, DIR_INGRESS},
+    qos::{
+        activity_slot, aggregate, ClassActivity, Classes, QosStats, CLASSES, DIR_EGRESS,
+        DIR_INGRESS,
+    },
 };
 
 use crate::{
@@ -68,6 +71,7 @@ pub struct ClassNow {
     /// 0..=2 online priorities, 3 offline.
     pub class: u32,
     pub competing: bool,
+    /// What it sends (0 once it sent nothing for three windows).
     pub used_bps: u64,
 }
 
@@ -200,17 +204,10 @@ pub fn collect(pins: &PinDir, run: &RunDir) -> Result<Status, StatusError> {
 
 fn qos_status(pins: &PinDir, policy: QosSummary) -> Result<QosStatus, StatusError> {
     let map_name = "QL_QOS_STATS";
-    let err = |message: String| StatusError::Counters {
-        map: map_name.to_owned(),
-        message,
-    };
-    let data = open_pinned_map(pins, map_name).map_err(|e| err(e.to_string()))?;
-    let stats: PerCpuArray<MapData, QosStats> =
-        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|e| err(e.to_string()))?;
+    let err = |e: &dyn std::fmt::Display| counters_error(map_name, e);
+    let stats: PerCpuArray<MapData, QosStats> = open_typed(pins, map_name, Map::PerCpuArray)?;
     let sum = |slot: u32, dir: u32| -> Result<QosCounters, StatusError> {
-        let per_cpu = stats
-            .get(&aggregate(slot, dir), 0)
-            .map_err(|e| err(e.to_string()))?;
+        let per_cpu = stats.get(&aggregate(slot, dir), 0).map_err(|e| err(&e))?;
         Ok(per_cpu
             .iter()
             .fold(QosCounters::default(), |a, s| QosCounters {
@@ -242,16 +239,10 @@ fn qos_status(pins: &PinDir, policy: QosSummary) -> Result<QosStatus, StatusErro
 
 fn class_status(pins: &PinDir) -> Result<Vec<ClassNow>, StatusError> {
     let map_name = "QL_QOS_ACTIVE";
-    let err = |message: String| StatusError::Counters {
-        map: map_name.to_owned(),
-        message,
-    };
-    let data = open_pinned_map(pins, map_name).map_err(|e| err(e.to_string()))?;
-    let active: Array<MapData, ClassActivity> =
-        Array::try_from(Map::Array(data)).map_err(|e| err(e.to_string()))?;
+    let err = |e: &dyn std::fmt::Display| counters_error(map_name, e);
+    let active: Array<MapData, ClassActivity> = open_typed(pins, map_name, Map::Array)?;
     // The datapath's clock (bpf_ktime_get_ns).
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map_err(|e| err(e.to_string()))?;
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_err(|e| err(&e))?;
     let now = u64::try_from(std::time::Duration::from(now).as_nanos()).unwrap_or(u64::MAX);
     let rows: Vec<Option<ClassActivity>> = (0..2 * CLASSES as u32)
         .map(|i| active.get(&i, 0).ok())
@@ -260,11 +251,23 @@ fn class_status(pins: &PinDir) -> Result<Vec<ClassNow>, StatusError> {
     for (dir, direction) in [(DIR_EGRESS, "egress"), (DIR_INGRESS, "ingress")] {
         let classes = Classes::read(dir, |i| rows.get(i as usize).and_then(Option::as_ref));
         for class in 0..CLASSES {
+            // The datapath updates a class's average only when it sends: after three silent
+            // windows it would start again from nothing, so that is what is shown.
+            let slot = activity_slot(dir, class as u32) as usize;
+            let sent_lately = rows
+                .get(slot)
+                .copied()
+                .flatten()
+                .is_some_and(|a| now.saturating_sub(a.window_start) < 4 * a.window_ns.max(1));
             out.push(ClassNow {
                 direction,
                 class: class as u32,
                 competing: classes.until[class] > now,
-                used_bps: classes.used_rate(1 << class) * 8,
+                used_bps: if sent_lately {
+                    classes.used_rate(1 << class) * 8
+                } else {
+                    0
+                },
             });
         }
     }
@@ -274,16 +277,12 @@ fn class_status(pins: &PinDir) -> Result<Vec<ClassNow>, StatusError> {
 /// Folds the per-(sender, receiver) flow counters into per-pod tx and rx.
 fn pod_bypass(pins: &PinDir) -> Result<Vec<PodBypass>, StatusError> {
     let map_name = "QL_FLOW_TRAFFIC";
-    let err = |message: String| StatusError::Counters {
-        map: map_name.to_owned(),
-        message,
-    };
-    let data = open_pinned_map(pins, map_name).map_err(|e| err(e.to_string()))?;
+    let err = |e: &dyn std::fmt::Display| counters_error(map_name, e);
     let flows: PerCpuHashMap<MapData, FlowKey, Traffic> =
-        PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(|e| err(e.to_string()))?;
+        open_typed(pins, map_name, Map::PerCpuHashMap)?;
     let mut pods: BTreeMap<u64, PodBypass> = BTreeMap::new();
     for entry in &flows {
-        let (flow, per_cpu) = entry.map_err(|e| err(e.to_string()))?;
+        let (flow, per_cpu) = entry.map_err(|e| err(&e))?;
         let bytes: u64 = per_cpu.iter().map(|t| t.bytes).sum();
         let msgs: u64 = per_cpu.iter().map(|t| t.msgs).sum();
         let tx = pods.entry(flow.src_cgroup).or_default();
@@ -304,24 +303,33 @@ fn pod_bypass(pins: &PinDir) -> Result<Vec<PodBypass>, StatusError> {
         .collect())
 }
 
+fn counters_error(map: &str, e: &dyn std::fmt::Display) -> StatusError {
+    StatusError::Counters {
+        map: map.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Opens the pinned map `name` as the typed map `T`; `variant` is its `Map` kind.
+fn open_typed<T>(pins: &PinDir, name: &str, variant: fn(MapData) -> Map) -> Result<T, StatusError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let data = open_pinned_map(pins, name).map_err(|e| counters_error(name, &e))?;
+    T::try_from(variant(data)).map_err(|e| counters_error(name, &e))
+}
+
 /// Sums each slot of a pinned per-CPU counter array over all CPUs.
 pub fn read_counters(
     pins: &PinDir,
     map: &str,
     names: &[&str],
 ) -> Result<BTreeMap<String, u64>, StatusError> {
-    let err = |message: String| StatusError::Counters {
-        map: map.to_owned(),
-        message,
-    };
-    let data: MapData = open_pinned_map(pins, map).map_err(|e| err(e.to_string()))?;
-    let array: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|e| err(e.to_string()))?;
+    let err = |e: &dyn std::fmt::Display| counters_error(map, e);
+    let array: PerCpuArray<MapData, u64> = open_typed(pins, map, Map::PerCpuArray)?;
     let mut out = BTreeMap::new();
     for (slot, name) in names.iter().enumerate() {
-        let values = array
-            .get(&(slot as u32), 0)
-            .map_err(|e| err(e.to_string()))?;
+        let values = array.get(&(slot as u32), 0).map_err(|e| err(&e))?;
         out.insert((*name).to_owned(), values.iter().sum());
     }
     Ok(out)
