@@ -755,7 +755,9 @@ fn fq_mode_config(node: &Node, fq: bool) -> std::path::PathBuf {
     write_config(
         node,
         &format!(
-            "enabled = false\n[qos]\nenabled = true\ncapacity = \"10G\"\nmode = \"{}\"\n{}{}{}{}",
+            // No catch-up credit: the bursts below start from idle and are timed against
+            // size / rate, while a credit lets an idle pod's first 10 ms leave at once.
+            "enabled = false\n[qos]\nenabled = true\ncapacity = \"10G\"\ncredit_us = 0\nmode = \"{}\"\n{}{}{}{}",
             if fq { "fq" } else { "policer" },
             entry(node.pod(0), "\"kubernetes.io/egress-bandwidth\" = \"8M\""),
             entry(node.pod(1), "\"kubernetes.io/ingress-bandwidth\" = \"8M\""),
