@@ -203,7 +203,7 @@ pub fn collect(pins: &PinDir, run: &RunDir) -> Result<Status, StatusError> {
 }
 
 fn qos_status(pins: &PinDir, policy: QosSummary) -> Result<QosStatus, StatusError> {
-    let map_name = "QL_QOS_STATS";
+    let map_name = crate::datapath::qos::STATS_MAP;
     let err = |e: &dyn std::fmt::Display| counters_error(map_name, e);
     let stats: PerCpuArray<MapData, QosStats> = open_typed(pins, map_name, Map::PerCpuArray)?;
     let sum = |slot: u32, dir: u32| -> Result<QosCounters, StatusError> {
@@ -238,7 +238,7 @@ fn qos_status(pins: &PinDir, policy: QosSummary) -> Result<QosStatus, StatusErro
 }
 
 fn class_status(pins: &PinDir) -> Result<Vec<ClassNow>, StatusError> {
-    let map_name = "QL_QOS_ACTIVE";
+    let map_name = crate::datapath::qos::ACTIVE_MAP;
     let err = |e: &dyn std::fmt::Display| counters_error(map_name, e);
     let active: Array<MapData, ClassActivity> = open_typed(pins, map_name, Map::Array)?;
     // The datapath's clock (bpf_ktime_get_ns).
