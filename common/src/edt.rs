@@ -33,14 +33,14 @@ pub unsafe fn claim(timeline: *mut u64, now: u64, delta: u64, credit: u64) -> u6
     }
 }
 
-/// How far the timeline lags `now` (ns): the catch-up credit its aggregate has left.
+/// Where the timeline stands: the departure its next claim would get, before any restart.
 ///
 /// # Safety
 /// `timeline` must be valid and 8-byte aligned.
 #[inline(always)]
-pub unsafe fn lag(timeline: *const u64, now: u64) -> u64 {
+pub unsafe fn load(timeline: *const u64) -> u64 {
     // SAFETY: guaranteed by the caller.
-    now.saturating_sub(unsafe { core::ptr::read_volatile(timeline) })
+    unsafe { core::ptr::read_volatile(timeline) }
 }
 
 /// Charges `len` bytes of `pod` in direction `dir`: notes them in the class's activity
@@ -190,7 +190,7 @@ mod tests {
             // Idle since 0: restarts 100 ns (the credit) behind now.
             assert_eq!(claim(&raw mut t, 1000, 10, 100), 900);
             assert_eq!(t, 910);
-            assert_eq!(lag(&raw const t, 1000), 90);
+            assert_eq!(load(&raw const t), 910);
             // Within the credit: the timeline keeps its place, the sender catches up.
             assert_eq!(claim(&raw mut t, 1000, 10, 100), 910);
             assert_eq!(claim(&raw mut t, 1000, 85, 100), 920);
@@ -198,7 +198,7 @@ mod tests {
             // Ahead of now: departures queue.
             assert_eq!(claim(&raw mut t, 1001, 10, 100), 1005);
             assert_eq!(t, 1015);
-            assert_eq!(lag(&raw const t, 1001), 0);
+            assert_eq!(load(&raw const t), 1015);
             hand_back(&raw mut t, 10);
             assert_eq!(t, 1005);
             // No credit: restarts at now.

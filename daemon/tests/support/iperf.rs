@@ -18,7 +18,19 @@ pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// An iperf3 server in `pod`, killed when the guard drops.
+///
+/// Its sockets start with a 4 MiB receive buffer. With the default 128 KiB, a receiver
+/// descheduled for a few ms while it holds the socket lock (2 vCPUs shared by every sender,
+/// receiver and softirq of a test) overflows its backlog with a few 64 KiB GRO packets and
+/// drops one (`TCPBacklogDrop` in the receiver's netns, `TCPSackRecovery` at the sender):
+/// retransmits that say nothing about the shaper, whose tests assert there are none.
 pub fn iperf_server(pod: &Pod, port: u16) -> Proc {
+    let rmem = pod
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.tcp_rmem=4096 4194304 16777216"])
+        .status()
+        .unwrap();
+    assert!(rmem.success(), "set tcp_rmem in {}", pod.name());
     let mut cmd = pod.command("iperf3");
     // -J: the client's --get-server-output then carries the server's JSON, whose
     // intervals are what actually arrived.
@@ -107,15 +119,53 @@ pub fn udp4_wire(payload: f64, datagram: u32) -> f64 {
 /// UDP datagrams the kernel dropped in `pod` for want of room in a receiving socket's buffer
 /// (`RcvbufErrors` in /proc/net/snmp, which shows the reader's network namespace).
 pub fn udp_rcvbuf_errors(pod: &Pod) -> u64 {
-    let out = pod.command("cat").arg("/proc/net/snmp").output().unwrap();
+    snmp_counters(pod, "/proc/net/snmp", "Udp:")
+        .into_iter()
+        .find_map(|(name, value)| (name == "RcvbufErrors").then_some(value))
+        .unwrap()
+}
+
+/// The pod's TCP loss counters that are not zero (`/proc/net/netstat`): on a sender, whether
+/// retransmits came from losses (fast retransmits after SACKs), timeouts or tail-loss probes;
+/// on a receiver, the segments its own stack dropped.
+pub fn tcp_loss_counters(pod: &Pod) -> String {
+    const NAMES: [&str; 14] = [
+        "TCPLossProbes",
+        "TCPTimeouts",
+        "TCPSpuriousRTOs",
+        "TCPFastRetrans",
+        "TCPSlowStartRetrans",
+        "TCPLostRetransmit",
+        "TCPSackRecovery",
+        "TCPDSACKRecv",
+        "TCPBacklogDrop",
+        "TCPRcvQDrop",
+        "TCPOFODrop",
+        "TCPZeroWindowDrop",
+        "PruneCalled",
+        "RcvPruned",
+    ];
+    snmp_counters(pod, "/proc/net/netstat", "TcpExt:")
+        .into_iter()
+        .filter(|(name, value)| *value != 0 && NAMES.contains(&name.as_str()))
+        .map(|(name, value)| format!("{name} {value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One section of a `/proc/net/snmp`-style file as seen in the pod's netns: a header row of
+/// names and a row of values, both starting with `prefix`.
+fn snmp_counters(pod: &Pod, file: &str, prefix: &str) -> Vec<(String, u64)> {
+    let out = pod.command("cat").arg(file).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut rows = text.lines().filter(|l| l.starts_with("Udp:"));
+    let mut rows = text.lines().filter(|l| l.starts_with(prefix));
     let (names, values) = (rows.next().unwrap(), rows.next().unwrap());
-    let at = names
+    names
         .split_whitespace()
-        .position(|n| n == "RcvbufErrors")
-        .unwrap();
-    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .map(|(n, v)| (n.to_owned(), v.parse().unwrap()))
+        .collect()
 }
 
 /// What reached the receiver of a UDP run, on the wire: what iperf3 read plus the

@@ -332,6 +332,12 @@ pub fn qos_report(node: &Node) -> String {
         };
         let _ = writeln!(out, "{}: {}; {}", p["name"], dir("egress"), dir("ingress"));
     }
+    for pod in node.pods() {
+        let tcp = iperf::tcp_loss_counters(pod);
+        if !tcp.is_empty() {
+            let _ = writeln!(out, "{} tcp: {tcp}", pod.name());
+        }
+    }
     for c in s["qos"]["classes"].as_array().into_iter().flatten() {
         let _ = write!(
             out,

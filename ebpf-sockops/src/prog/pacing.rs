@@ -3,7 +3,8 @@
 //! re-read at every RTT sample so a change of allocation (a new policy, a higher class
 //! becoming active) reaches the socket within one round trip, without userspace in the loop.
 //! TCP then sends at the rate itself, so the tc shaper behind it has nothing to mark or drop
-//! (a socket whose aggregate fell behind paces faster until it caught up: `paced_rate`);
+//! (a socket whose aggregate fell behind paces faster until it caught up, one that ran
+//! ahead of it slower: `paced_rate`);
 //! and such connections ask for ECN, so what the shaper does mark slows them without a loss.
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG},
@@ -22,7 +23,8 @@ use quicklane_common::{
 };
 
 use super::maps::{
-    config_flags, count, qos_credit_ns, QL_QOS_ACTIVE, QL_QOS_ADDRS, QL_QOS_EDT, QL_QOS_PODS,
+    config_flags, count, qos_burst_ns, qos_credit_ns, QL_QOS_ACTIVE, QL_QOS_ADDRS, QL_QOS_EDT,
+    QL_QOS_PODS,
 };
 
 const SOL_SOCKET: i32 = 1;
@@ -134,7 +136,7 @@ fn slot_at(family: u32, addr: [u32; 4]) -> Option<u32> {
 
 /// The pacing rate the pod at `addr` asks of this socket for direction `dir` (`u64::MAX` if
 /// that direction is not shaped): its current rate, faster while its aggregate has catching
-/// up to do.
+/// up to do, slower while it is ahead.
 #[inline(always)]
 fn direction_rate(family: u32, addr: [u32; 4], dir: u32, now: u64) -> u64 {
     let Some(slot) = slot_at(family, addr) else {
@@ -143,12 +145,18 @@ fn direction_rate(family: u32, addr: [u32; 4], dir: u32, now: u64) -> u64 {
     let Some(pod) = QL_QOS_PODS.get(slot).filter(|p| p.shaped(dir)) else {
         return u64::MAX;
     };
-    let lag = match QL_QOS_EDT.get_ptr(aggregate(slot, dir)) {
+    let timeline = match QL_QOS_EDT.get_ptr(aggregate(slot, dir)) {
         // SAFETY: an array value pointer, 8-byte aligned.
-        Some(t) => unsafe { edt::lag(t, now) },
-        None => 0,
+        Some(t) => unsafe { edt::load(t) },
+        None => now,
     };
-    paced_rate(rate_now(pod, dir, now), lag, qos_credit_ns())
+    paced_rate(
+        rate_now(pod, dir, now),
+        timeline,
+        now,
+        qos_credit_ns(),
+        qos_burst_ns(),
+    )
 }
 
 /// The rate the tc shaper would give this pod's next packet.
