@@ -118,10 +118,13 @@ pub unsafe fn note_activity(
                 core::ptr::write_volatile(&raw mut a.bytes, 0);
             }
             let total = atomic_fetch_add(&raw mut a.bytes, len) + len;
-            let until = competes_until(now, len, avg, window);
-            // Refresh at most twice per window, so busy classes do not store on every packet.
-            if total >= a.threshold && classes.until[own] + window / 2 < until {
-                core::ptr::write_volatile(&raw mut a.active_until, until);
+            if total >= a.threshold {
+                let until = competes_until(now, len, avg, window);
+                // Refresh at most twice per window, so busy classes do not store on every
+                // packet.
+                if classes.until[own] + window / 2 < until {
+                    core::ptr::write_volatile(&raw mut a.active_until, until);
+                }
             }
         }
     }

@@ -275,16 +275,24 @@ pub fn effective_rate(pod: &QosPod, dir: u32, mask: u32, classes: &Classes) -> u
 /// nothing.
 #[inline(always)]
 pub fn window_average(avg: u64, bytes: u64, since: u64, window: u64) -> u64 {
-    let window = if window == 0 { 1 } else { window };
-    if since >= 4 * window {
+    if fell_silent(since, window) {
         return 0;
     }
+    let window = if window == 0 { 1 } else { window };
     // since / window in 1/256ths: 256..1024 here, and no overflow for any byte count a
     // window of at most 10 s can hold.
     let span = since * 256 / window;
     let span = if span < 256 { 256 } else { span };
     let ended = bytes * 256 / span;
     avg - avg / 4 + ended / 4
+}
+
+/// Whether a class whose current window began `since` ns ago has sent nothing for three
+/// whole windows: its average then starts again from nothing.
+#[inline(always)]
+pub fn fell_silent(since: u64, window: u64) -> bool {
+    let window = if window == 0 { 1 } else { window };
+    since >= 4 * window
 }
 
 /// Until when a class that just sent a `len`-byte packet competes, `avg` being its average
@@ -486,6 +494,8 @@ mod tests {
             "{avg}"
         );
         // Three silent windows: nothing is left.
+        assert!(!fell_silent(4 * w - 1, w) && fell_silent(4 * w, w));
+        assert_ne!(window_average(avg, 65_536, 4 * w - 1, w), 0);
         assert_eq!(window_average(avg, 65_536, 4 * w, w), 0);
         // A window of 0 (not yet written) does not divide by zero.
         assert_eq!(window_average(0, 4, 0, 0), 1);

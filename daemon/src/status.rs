@@ -11,8 +11,8 @@ use serde::Serialize;
 use quicklane_common::{
     bypass::{FlowKey, Traffic},
     qos::{
-        activity_slot, aggregate, ClassActivity, Classes, QosStats, CLASSES, DIR_EGRESS,
-        DIR_INGRESS,
+        activity_slot, aggregate, fell_silent, ClassActivity, Classes, QosStats, CLASSES,
+        DIR_EGRESS, DIR_INGRESS,
     },
 };
 
@@ -258,7 +258,7 @@ fn class_status(pins: &PinDir) -> Result<Vec<ClassNow>, StatusError> {
                 .get(slot)
                 .copied()
                 .flatten()
-                .is_some_and(|a| now.saturating_sub(a.window_start) < 4 * a.window_ns.max(1));
+                .is_some_and(|a| !fell_silent(now.saturating_sub(a.window_start), a.window_ns));
             out.push(ClassNow {
                 direction,
                 class: class as u32,

@@ -273,7 +273,10 @@ fn reset_slot(pins: &PinDir, slot: u32) -> Result<(), DatapathError> {
 }
 
 /// What the datapath needs to judge class activity: the threshold (bytes per window above
-/// which a class competes), the capacity and the window.
+/// which a class competes), the capacity and the window. They share each entry with the
+/// counters the datapath updates per packet, so writing the entry back can lose a packet's
+/// update: entries that already hold these values are left alone, which is every entry on
+/// every apply but the first after a change of capacity or window.
 fn write_thresholds(
     pins: &PinDir,
     capacity_bytes: u64,
@@ -284,9 +287,15 @@ fn write_thresholds(
     let mut map: Array<MapData, ClassActivity> = typed(pins, ACTIVE_MAP, Map::Array)?;
     for index in 0..map.len() {
         let mut entry = map.get(&index, 0).map_err(|e| map_err(ACTIVE_MAP, &e))?;
-        entry.threshold = threshold.max(1);
-        entry.capacity = capacity_bytes;
-        entry.window_ns = u64::from(window_ms) * 1_000_000;
+        let wanted = (
+            threshold.max(1),
+            capacity_bytes,
+            u64::from(window_ms) * 1_000_000,
+        );
+        if (entry.threshold, entry.capacity, entry.window_ns) == wanted {
+            continue;
+        }
+        (entry.threshold, entry.capacity, entry.window_ns) = wanted;
         map.set(index, entry, 0)
             .map_err(|e| map_err(ACTIVE_MAP, &e))?;
     }
