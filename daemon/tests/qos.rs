@@ -102,6 +102,51 @@ fn a_pods_egress_limit_holds_for_tcp_cubic_bbr_and_udp() {
     node.teardown().unwrap();
 }
 
+/// Every socket of a pod is paced at the pod's whole rate (sock_ops cannot know how many
+/// there will be), so four streams start four times too fast; the shaper's timeline runs
+/// ahead and the sockets' pacing brake (`paced_rate`) slows them to half, not to a quarter,
+/// so the policer still drops. Known to fail (the issue's < 1 % retransmits target is not
+/// met by several streams of one pod; see the QoS section of the README): ignored in CI, run
+/// it with `--ignored --nocapture` to see the figures.
+#[test]
+#[ignore = "open: several TCP streams of one pod see ~3 % retransmits under the policer"]
+fn parallel_streams_of_one_pod_share_its_limit_without_loss() {
+    if !privileged("qos parallel streams test") {
+        return;
+    }
+    let _serial = one_at_a_time();
+    let node = Node::new(2).unwrap();
+    let (a, b) = (node.pod(0), node.pod(1));
+    let limit = 100.0 * MBIT;
+    let config = qos_config(
+        &node,
+        "capacity = \"10G\"",
+        &format!(
+            "{}{}",
+            pod_entry(a, &[("kubernetes.io/egress-bandwidth", "100M")]),
+            pod_entry(b, &[])
+        ),
+    );
+    let agent = Agent::start(&node, &config, false);
+    for (i, cc) in ["bbr", "cubic"].into_iter().enumerate() {
+        let port = 5701 + i as u16;
+        let _srv = iperf_server(b, port);
+        let m = iperf(a, b, port, 4, &["-C", cc, "-P", "4"]);
+        eprintln!("4 x tcp {cc}: {m:?}");
+        eprintln!("{}", qos_report(&node));
+        assert_within(&format!("4 x TCP {cc}"), m.bits_per_sec, limit, 0.05);
+        let segments = m.bytes / 1448;
+        assert!(
+            m.retransmits * 100 < segments.max(1),
+            "4 x TCP {cc}: {} retransmits of ~{segments} segments",
+            m.retransmits
+        );
+    }
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{log}");
+    node.teardown().unwrap();
+}
+
 fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len() as f64
 }
