@@ -10,6 +10,7 @@ pub mod bypass;
 pub mod counters;
 pub mod edt;
 pub mod qos;
+pub mod senders;
 pub mod sock;
 
 /// Bumped whenever a shared layout or a load-time global changes meaning, so a daemon never

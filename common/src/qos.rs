@@ -369,8 +369,8 @@ pub const MAX_PACKET_BYTES: u64 = 65_536;
 /// falls linearly from the rate to half of it over `3 * burst` (the default `burst` is a
 /// quarter of the CE threshold). Half, not less: bbr learns the rate it is held to, so a
 /// deeper brake (a sixteenth) left four bbr streams of one pod at 0.54-0.61x of its limit.
-/// Several streams of one pod, each paced at the pod's whole rate, are therefore still
-/// policed by the shaper (`parallel_streams_of_one_pod_share_its_limit_without_loss`).
+/// Several streams of one pod are not the brake's to hold: `senders` splits the rate among
+/// them.
 #[inline(always)]
 pub fn paced_rate(rate: u64, timeline: u64, now: u64, credit: u64, burst: u64) -> u64 {
     if timeline < now {

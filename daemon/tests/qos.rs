@@ -5,15 +5,17 @@ mod support;
 
 use std::time::Duration;
 
+use aya::maps::{Array, Map, MapData};
+use quicklane_common::senders::Senders;
 use serde_json::Value;
 use simnode::{Node, Pod, Proc};
 use support::{
-    counter,
+    counter, eventually,
     iperf::{
         assert_within, iperf, iperf_server, iperf_spawn, measured, one_at_a_time, udp_arrived_wire,
         udp_rcvbuf_errors, Measured, MBIT,
     },
-    qos_report, status, write_config, Agent,
+    map_len, qos_report, status, write_config, Agent,
 };
 
 fn privileged(test: &str) -> bool {
@@ -113,14 +115,10 @@ fn a_pods_egress_limit_holds_for_tcp_cubic_bbr_and_udp() {
     node.teardown().unwrap();
 }
 
-/// Every socket of a pod is paced at the pod's whole rate (sock_ops cannot know how many
-/// there will be), so four streams start four times too fast; the shaper's timeline runs
-/// ahead and the sockets' pacing brake (`paced_rate`) slows them to half, not to a quarter,
-/// so the policer still drops. Known to fail (the issue's < 1 % retransmits target is not
-/// met by several streams of one pod; see the QoS section of the README): ignored in CI, run
-/// it with `--ignored --nocapture` to see the figures.
+/// Several streams of one pod split its rate between them (`senders`): paced each at the
+/// whole rate, four streams sent four times too fast, and on a path without a queue neither
+/// ECN nor the pacing brake could slow them enough (2-7 % retransmits).
 #[test]
-#[ignore = "open: several TCP streams of one pod see 2-7 % retransmits under the policer"]
 fn parallel_streams_of_one_pod_share_its_limit_without_loss() {
     if !privileged("qos parallel streams test") {
         return;
@@ -135,10 +133,24 @@ fn parallel_streams_of_one_pod_share_its_limit_without_loss() {
         eprintln!("4 x tcp {cc}: {m:?}");
         eprintln!("{}", qos_report(&node));
         assert_tcp_at_limit(&format!("4 x TCP {cc}"), &m, 100.0 * MBIT);
+        // The four streams counted themselves; iperf3's control connection, a trickle, did not.
+        assert_eq!(most_senders(&node), 4, "4 x TCP {cc}");
     }
+    eventually("QL_PACED empty", || map_len(&node, "QL_PACED") == 0);
     let (exit, log) = agent.stop();
     assert!(exit.success(), "{log}");
     node.teardown().unwrap();
+}
+
+/// The most sockets any shaped aggregate counted in its last two windows.
+fn most_senders(node: &Node) -> u64 {
+    let data = MapData::from_pin(node.pin_dir().join("maps").join("QL_QOS_SENDERS")).unwrap();
+    let senders = Array::<MapData, Senders>::try_from(Map::Array(data)).unwrap();
+    senders
+        .iter()
+        .map(|s| s.map(|s| s.current.max(s.previous)).unwrap())
+        .max()
+        .unwrap_or(0)
 }
 
 fn mean(xs: &[f64]) -> f64 {

@@ -71,7 +71,10 @@ impl Agent {
                     stderr_of(&mut proc)
                 );
             }
-            assert!(Instant::now() < deadline, "agent not ready after {WAIT:?}");
+            if Instant::now() >= deadline {
+                let _ = proc.child_mut().kill();
+                panic!("agent not ready after {WAIT:?}: {}", stderr_of(&mut proc));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         Self { proc, state }
@@ -270,7 +273,7 @@ pub fn assert_unloaded(ids: &[u64]) {
 /// Entries in a pinned hash-like map of the node's agent (QL_META, QL_SOCKS, ...).
 pub fn map_len(node: &Node, name: &str) -> usize {
     use aya::maps::{HashMap, Map, MapData, SockHash};
-    use quicklane_common::{bypass::SockMeta, sock::SockKey};
+    use quicklane_common::{bypass::SockMeta, senders::PacedSock, sock::SockKey};
     let data = MapData::from_pin(node.pin_dir().join("maps").join(name)).unwrap();
     match name {
         "QL_SOCKS" => SockHash::<MapData, SockKey>::try_from(Map::SockHash(data))
@@ -278,6 +281,10 @@ pub fn map_len(node: &Node, name: &str) -> usize {
             .keys()
             .count(),
         "QL_META" => HashMap::<MapData, SockKey, SockMeta>::try_from(Map::HashMap(data))
+            .unwrap()
+            .keys()
+            .count(),
+        "QL_PACED" => HashMap::<MapData, u64, PacedSock>::try_from(Map::LruHashMap(data))
             .unwrap()
             .keys()
             .count(),

@@ -11,6 +11,7 @@ use quicklane_common::{
     },
     counters::sockops as c,
     qos::{AddrKey, ClassActivity, QosPod, QosStats, CLASSES, MAX_PODS},
+    senders::{PacedSock, Senders},
     sock::SockKey,
     SockopsConfig, SOCKOPS_F_LOOPBACK_STREAMS_TCP,
 };
@@ -75,6 +76,16 @@ pub static QL_QOS_EDT: Array<u64> = Array::pinned(MAX_PODS * 2, 0);
 
 #[map(name = "QL_QOS_STATS")]
 pub static QL_QOS_STATS: PerCpuArray<QosStats> = PerCpuArray::pinned(MAX_PODS * 2, 0);
+
+/// Per shaped aggregate (indexed like `QL_QOS_EDT`): how many sockets share its rate.
+#[map(name = "QL_QOS_SENDERS")]
+pub static QL_QOS_SENDERS: Array<Senders> = Array::pinned(MAX_PODS * 2, 0);
+
+/// Socket cookie -> a paced socket's marks in the windows of `QL_QOS_SENDERS`. Removed when
+/// the socket closes; LRU so that a socket missed there (closed while the agent was down)
+/// cannot leak its entry.
+#[map(name = "QL_PACED")]
+pub static QL_PACED: LruHashMap<u64, PacedSock> = LruHashMap::pinned(65_536, 0);
 
 #[map(name = "QL_SOCKOPS_STATS")]
 static QL_SOCKOPS_STATS: PerCpuArray<u64> = PerCpuArray::pinned(c::LEN, 0);

@@ -6,9 +6,10 @@
 //! (a socket whose aggregate fell behind paces faster until it caught up, one that ran
 //! ahead of it slower: `paced_rate`);
 //! and such connections ask for ECN, so what the shaper does mark slows them without a loss.
+//! A pod's rate is split among its sockets that contend for it (`senders`).
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG},
-    helpers::bpf_setsockopt,
+    helpers::{bpf_get_socket_cookie, bpf_setsockopt},
     programs::SockOpsContext,
 };
 use quicklane_common::{
@@ -18,13 +19,14 @@ use quicklane_common::{
         aggregate, effective_rate, paced_rate, AddrKey, Classes, QosPod, CLASSES, DIR_EGRESS,
         DIR_INGRESS,
     },
+    senders::{self, PacedSock},
     sock::SockKey,
     SOCKOPS_F_PACING,
 };
 
 use super::maps::{
-    config_flags, count, qos_burst_ns, qos_credit_ns, QL_QOS_ACTIVE, QL_QOS_ADDRS, QL_QOS_EDT,
-    QL_QOS_PODS,
+    config_flags, count, qos_burst_ns, qos_credit_ns, QL_PACED, QL_QOS_ACTIVE, QL_QOS_ADDRS,
+    QL_QOS_EDT, QL_QOS_PODS, QL_QOS_SENDERS,
 };
 
 const SOL_SOCKET: i32 = 1;
@@ -76,6 +78,7 @@ pub fn shaped_slots(key: &SockKey) -> (u32, u32) {
 
 /// Re-applies the rate at an RTT sample of a paced socket; false (and the pacing cap
 /// lifted) once its pods lost their policy, so the caller can stop the RTT callbacks.
+#[inline(always)]
 pub fn refresh(ctx: &SockOpsContext, key: &SockKey) -> bool {
     if config_flags() & SOCKOPS_F_PACING != 0 && apply(ctx, key) {
         count(c::PACING_UPDATES, 1);
@@ -86,16 +89,54 @@ pub fn refresh(ctx: &SockOpsContext, key: &SockKey) -> bool {
     false
 }
 
+/// Forgets a closing socket's marks.
+pub fn forget(ctx: &SockOpsContext) {
+    // SAFETY: helper on the live sock_ops context.
+    let _ = QL_PACED.remove(&unsafe { bpf_get_socket_cookie(ctx.ops.cast()) });
+}
+
+/// The socket's cookie, with its marks created at its first sample.
+#[inline(always)]
+fn paced_sock(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: helper on the live sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    if QL_PACED.get_ptr(&cookie).is_none() {
+        let _ = QL_PACED.insert(&cookie, &PacedSock::default(), 0);
+    }
+    cookie
+}
+
+/// What this socket has had acknowledged so far.
+#[inline(always)]
+fn bytes_acked(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: the context field, read whole (see `key_from_ctx` for why volatile).
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.ops).bytes_acked)) }
+}
+
+/// A sample of the socket being paced, for `direction_rate`.
+struct Sample {
+    now: u64,
+    acked: u64,
+    cookie: u64,
+}
+
+/// Out of line: one copy for `start` and `refresh`, and a shallow stack below sock_ops'
+/// own frame (the class tables need a deep one, see `pod_rate`).
+#[inline(never)]
 fn apply(ctx: &SockOpsContext, key: &SockKey) -> bool {
-    // SAFETY: plain helper call.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let sample = Sample {
+        // SAFETY: plain helper call.
+        now: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
+        acked: bytes_acked(ctx),
+        cookie: paced_sock(ctx),
+    };
     // `u64::MAX` for "not shaped", not an `Option`: LLVM copies the payload of a `None`
     // uninitialised, and the verifier refuses reading that register.
-    let rate = direction_rate(key.family, key.local_ip, DIR_EGRESS, now).min(direction_rate(
+    let rate = direction_rate(key.family, &key.local_ip, DIR_EGRESS, &sample).min(direction_rate(
         key.family,
-        key.remote_ip,
+        &key.remote_ip,
         DIR_INGRESS,
-        now,
+        &sample,
     ));
     if rate == u64::MAX {
         return false;
@@ -135,28 +176,59 @@ fn slot_at(family: u32, addr: [u32; 4]) -> Option<u32> {
 }
 
 /// The pacing rate the pod at `addr` asks of this socket for direction `dir` (`u64::MAX` if
-/// that direction is not shaped): its current rate, faster while its aggregate has catching
-/// up to do, slower while it is ahead.
+/// that direction is not shaped).
 #[inline(always)]
-fn direction_rate(family: u32, addr: [u32; 4], dir: u32, now: u64) -> u64 {
-    let Some(slot) = slot_at(family, addr) else {
+fn direction_rate(family: u32, addr: &[u32; 4], dir: u32, sample: &Sample) -> u64 {
+    let mut agg = 0;
+    let rate = pod_rate(family, addr, dir, sample.now, &mut agg);
+    if rate == u64::MAX {
+        rate
+    } else {
+        socket_rate(agg, rate, sample)
+    }
+}
+
+/// The current rate of the pod at `addr` in direction `dir` (`u64::MAX` if not shaped), and
+/// its aggregate in `agg`. Out of line, like `socket_rate` and not nested in it: the class
+/// tables' frame and the senders' frame would overrun the 512-byte stack together.
+#[inline(never)]
+fn pod_rate(family: u32, addr: &[u32; 4], dir: u32, now: u64, agg: &mut u32) -> u64 {
+    let Some(slot) = slot_at(family, *addr) else {
         return u64::MAX;
     };
     let Some(pod) = QL_QOS_PODS.get(slot).filter(|p| p.shaped(dir)) else {
         return u64::MAX;
     };
-    let timeline = match QL_QOS_EDT.get_ptr(aggregate(slot, dir)) {
+    *agg = aggregate(slot, dir);
+    rate_now(pod, dir, now)
+}
+
+/// This socket's part of its aggregate's `rate`: faster while the aggregate has catching
+/// up to do, slower while it is ahead, split among the pod's contending sockets.
+#[inline(never)]
+fn socket_rate(agg: u32, rate: u64, sample: &Sample) -> u64 {
+    let now = sample.now;
+    let timeline = match QL_QOS_EDT.get_ptr(agg) {
         // SAFETY: an array value pointer, 8-byte aligned.
         Some(t) => unsafe { edt::load(t) },
         None => now,
     };
-    paced_rate(
-        rate_now(pod, dir, now),
-        timeline,
-        now,
-        qos_credit_ns(),
-        qos_burst_ns(),
-    )
+    let credit = qos_credit_ns();
+    let paced = paced_rate(rate, timeline, now, credit, qos_burst_ns());
+    // Without its marks (the map refused the entry) a socket is paced unsplit.
+    let (Some(senders), Some(sock)) = (
+        QL_QOS_SENDERS.get_ptr_mut(agg),
+        QL_PACED.get_ptr_mut(&sample.cookie),
+    ) else {
+        return paced;
+    };
+    // SAFETY: a live LRU hash value; only this socket's callbacks touch its marks. The
+    // aggregate's low bit is its direction.
+    let mark = unsafe { &raw mut (*sock).marks[(agg & 1) as usize] };
+    let contended = now <= timeline + credit / 2;
+    // SAFETY: an array value and a hash value, 8-byte aligned.
+    let split = unsafe { senders::note(senders, mark, sample.acked, rate, contended, now) };
+    paced.checked_div(split).unwrap_or(paced)
 }
 
 /// The rate the tc shaper would give this pod's next packet.

@@ -47,7 +47,14 @@ pub fn ql_sockops(ctx: SockOpsContext) -> u32 {
             count(c::PASSIVE_ESTABLISHED, 1);
             established(&ctx, false, bypass);
         }
-        BPF_SOCK_OPS_STATE_CB if bypass => on_state(&ctx),
+        BPF_SOCK_OPS_STATE_CB => {
+            if ctx.arg(1) == BPF_TCP_CLOSE {
+                pacing::forget(&ctx);
+            }
+            if bypass {
+                on_state(&ctx);
+            }
+        }
         BPF_SOCK_OPS_RTT_CB => on_rtt(&ctx),
         BPF_SOCK_OPS_NEEDS_ECN => {
             if let Some(key) = key_from_ctx!(ctx.ops) {
@@ -62,7 +69,10 @@ pub fn ql_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Pacing first (it holds the connection whenever it takes TCP), then the bypass.
+/// Pacing first (it holds the connection whenever it takes TCP), then the bypass. Each from
+/// sock_ops' own frame: the bypass's frame and the pacing's deep one do not fit the 512-byte
+/// stack on top of each other.
+#[inline(always)]
 fn established(ctx: &SockOpsContext, active: bool, bypass: bool) {
     let paced = key_from_ctx!(ctx.ops).is_some_and(|key| pacing::start(ctx, &key));
     if bypass {
@@ -123,6 +133,7 @@ fn skipped_at_connect(ctx: &SockOpsContext, cookie: u64) -> bool {
     key_from_ctx!(ctx.ops).is_some_and(|key| idle_service(&key, cookie, 0))
 }
 
+#[inline(never)]
 fn on_established(ctx: &SockOpsContext, active: bool, paced: bool) {
     // The active side is established (and tracked, if local and eligible) before the passive
     // side sees the final ACK; a server whose client is not tracked has nobody to bypass to.
@@ -275,6 +286,7 @@ fn learn_service(key: &SockKey, meta: &SockMeta) {
 /// A socket demoted to TCP by sk_msg leaves the sockhash here (sk_msg may not delete from a
 /// sockhash; sock_ops may), so its writes get plain TCP and its batching back. Only when
 /// nothing was ever redirected into it: removal frees the redirect queue with its contents.
+#[inline(always)]
 fn on_rtt(ctx: &SockOpsContext) {
     let Some(key) = key_from_ctx!(ctx.ops) else {
         return;

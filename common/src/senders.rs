@@ -1,0 +1,221 @@
+//! How many TCP sockets share a shaped aggregate's rate. Each paced socket of a pod gets the
+//! pod's rate divided by the number of its sockets that contend for it, so that several
+//! streams of one pod together send at the rate rather than each at the whole of it.
+//!
+//! Why the split is needed and the shaper alone does not do it: without a queue (no sch_fq)
+//! the shaper is a policer, so the path's RTT stays at tens of microseconds; even at TCP's
+//! minimum window of two segments a stream then sends far above its share, ECN marks cannot
+//! slow it further, and the excess ends at the drop horizon (measured: four streams at a
+//! 100M limit, 65 drops and ~950 retransmits in 4 s).
+//!
+//! A socket contends when, while its aggregate is at its rate, it has had an eighth of its
+//! share acknowledged within one window. Sockets that send a few small messages (a response,
+//! a health check) stay below that and do not shrink the others' share; while the aggregate
+//! lags its rate no socket counts itself, so a stale count fades within two windows and
+//! the sockets that remain get the whole rate back.
+#![allow(
+    clippy::inline_always,
+    reason = "BPF code cannot call out-of-line functions from every program type"
+)]
+
+use crate::edt::atomic_fetch_add;
+
+/// The counting window. A greedy socket has several RTT samples in it (about one per 64 KiB
+/// acknowledged, ~50/s at 25 Mbit/s), so it is counted in every window it sends in.
+pub const WINDOW_NS: u64 = 100_000_000;
+
+/// Per shaped aggregate (sock_ops' `QL_QOS_SENDERS`, indexed like the timelines).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Senders {
+    pub window_start: u64,
+    /// Contending sockets counted in the current window and in the one before.
+    pub current: u64,
+    pub previous: u64,
+}
+
+/// One paced socket's view of one aggregate it sends into.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mark {
+    /// The aggregate window this socket's `base` belongs to.
+    pub window_start: u64,
+    /// The socket's `bytes_acked` at its first sample in that window.
+    pub base: u64,
+    /// 1 once the socket has counted itself in that window.
+    pub counted: u64,
+}
+
+/// A paced socket's state (sock_ops' `QL_PACED`, by socket cookie): one mark for its local
+/// pod's egress, one for its peer pod's ingress.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacedSock {
+    pub marks: [Mark; 2],
+}
+
+/// Notes a sample of a socket (`acked` bytes acknowledged so far) that sends into an
+/// aggregate whose pod rate is `rate` and which is `contended` (at its rate, not lagging it),
+/// and returns how many sockets the rate is split among (at least 1).
+///
+/// Window restarts are plain stores: racing restarts can lose a count for one window, which
+/// the previous window's count covers.
+///
+/// # Safety
+/// `senders` and `mark` must be valid and 8-byte aligned.
+#[inline(always)]
+pub unsafe fn note(
+    senders: *mut Senders,
+    mark: *mut Mark,
+    acked: u64,
+    rate: u64,
+    contended: bool,
+    now: u64,
+) -> u64 {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        let s = &mut *senders;
+        let mut start = core::ptr::read_volatile(&raw const s.window_start);
+        let since = now.saturating_sub(start);
+        if since >= WINDOW_NS {
+            let kept = if since < 2 * WINDOW_NS {
+                core::ptr::read_volatile(&raw const s.current)
+            } else {
+                0
+            };
+            core::ptr::write_volatile(&raw mut s.previous, kept);
+            core::ptr::write_volatile(&raw mut s.current, 0);
+            core::ptr::write_volatile(&raw mut s.window_start, now);
+            start = now;
+        }
+        let mut current = core::ptr::read_volatile(&raw const s.current);
+        let ways = split(current, core::ptr::read_volatile(&raw const s.previous));
+        let m = &mut *mark;
+        if m.window_start != start {
+            *m = Mark {
+                window_start: start,
+                base: acked,
+                counted: 0,
+            };
+        } else if m.counted == 0
+            && contended
+            && acked.saturating_sub(m.base) >= contending_bytes(rate, ways)
+        {
+            m.counted = 1;
+            current = atomic_fetch_add(&raw mut s.current, 1) + 1;
+        }
+        split(current, core::ptr::read_volatile(&raw const s.previous))
+    }
+}
+
+#[inline(always)]
+fn split(current: u64, previous: u64) -> u64 {
+    let n = if current > previous {
+        current
+    } else {
+        previous
+    };
+    if n == 0 {
+        1
+    } else {
+        n
+    }
+}
+
+/// Bytes a socket must have acknowledged within a window to contend: an eighth of what its
+/// share (`rate` bytes/s split `ways` ways) moves in a window.
+#[inline(always)]
+fn contending_bytes(rate: u64, ways: u64) -> u64 {
+    let share = rate.checked_div(ways).unwrap_or(rate);
+    share / 8 * (WINDOW_NS / 1_000_000) / 1_000
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    // SAFETY (all): repr(C), Copy, no padding (asserted below).
+    unsafe impl aya::Pod for super::Senders {}
+    unsafe impl aya::Pod for super::PacedSock {}
+}
+
+const _: () = assert!(core::mem::size_of::<Senders>() == 24);
+const _: () = assert!(core::mem::size_of::<PacedSock>() == 48);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RATE: u64 = 12_500_000; // 100 Mbit/s
+    const MS: u64 = 1_000_000;
+
+    /// Samples every socket of `socks` every 20 ms from `from` until `until` (ms), each
+    /// having sent `rates[i]` bytes/s; returns the least and the most split seen in the last
+    /// round of samples.
+    fn run(
+        s: &mut Senders,
+        socks: &mut [Mark],
+        rates: &[u64],
+        contended: bool,
+        from: u64,
+        until: u64,
+    ) -> (u64, u64) {
+        let mut seen = (0, 0);
+        let mut t = from;
+        while t < until {
+            seen = (u64::MAX, 0);
+            for (m, rate) in socks.iter_mut().zip(rates) {
+                let acked = rate * t / 1000;
+                // SAFETY: locals.
+                let split = unsafe { note(s, m, acked, RATE, contended, t * MS) };
+                seen = (seen.0.min(split), seen.1.max(split));
+            }
+            t += 20;
+        }
+        seen
+    }
+
+    #[test]
+    fn greedy_streams_of_one_pod_split_its_rate_and_trickles_do_not_count() {
+        let mut s = Senders::default();
+        let mut socks = [Mark::default(); 6];
+        // Four streams at a quarter of the rate each, two sockets sending 10 KB/s.
+        let rates = [RATE / 4, RATE / 4, RATE / 4, RATE / 4, 10_000, 10_000];
+        assert_eq!(run(&mut s, &mut socks, &rates, true, 0, 500), (4, 4));
+        assert_eq!(s.previous, 4);
+    }
+
+    #[test]
+    fn a_lone_stream_among_idle_sockets_keeps_the_whole_rate() {
+        let mut s = Senders::default();
+        let mut socks = [Mark::default(); 3];
+        assert_eq!(run(&mut s, &mut socks, &[RATE, 0, 0], true, 0, 500), (1, 1));
+    }
+
+    #[test]
+    fn a_count_fades_within_two_windows_once_the_aggregate_lags() {
+        let mut s = Senders::default();
+        let mut socks = [Mark::default(); 4];
+        let rates = [RATE / 4; 4];
+        assert_eq!(run(&mut s, &mut socks, &rates, true, 0, 300), (4, 4));
+        assert_eq!(run(&mut s, &mut socks, &rates, false, 300, 520), (1, 1));
+        // An aggregate nobody sampled for two windows starts from nothing.
+        let mut s = Senders {
+            window_start: 0,
+            current: 3,
+            previous: 3,
+        };
+        let mut m = Mark::default();
+        // SAFETY: locals.
+        assert_eq!(unsafe { note(&raw mut s, &raw mut m, 0, RATE, true, 250 * MS) }, 1);
+    }
+
+    #[test]
+    fn a_stream_joining_is_counted_within_a_window() {
+        let mut s = Senders::default();
+        let mut socks = [Mark::default(); 2];
+        assert_eq!(run(&mut s, &mut socks[..1], &[RATE], true, 0, 300), (1, 1));
+        assert_eq!(
+            run(&mut s, &mut socks, &[RATE / 2; 2], true, 300, 520),
+            (2, 2)
+        );
+    }
+}
