@@ -108,6 +108,18 @@ pub unsafe fn note(
     }
 }
 
+impl Senders {
+    /// How many sockets share the rate at `now` as the next sample would find it (0 if none
+    /// contends): for `quicklane status`, which reads the entry between samples.
+    pub fn sharing(&self, now: u64) -> u64 {
+        match now.saturating_sub(self.window_start) {
+            since if since >= 2 * WINDOW_NS => 0,
+            since if since >= WINDOW_NS => self.current,
+            _ => self.current.max(self.previous),
+        }
+    }
+}
+
 #[inline(always)]
 fn split(current: u64, previous: u64) -> u64 {
     let n = if current > previous {
@@ -205,7 +217,22 @@ mod tests {
         };
         let mut m = Mark::default();
         // SAFETY: locals.
-        assert_eq!(unsafe { note(&raw mut s, &raw mut m, 0, RATE, true, 250 * MS) }, 1);
+        assert_eq!(
+            unsafe { note(&raw mut s, &raw mut m, 0, RATE, true, 250 * MS) },
+            1
+        );
+    }
+
+    #[test]
+    fn status_sees_the_count_the_next_sample_would() {
+        let s = Senders {
+            window_start: 1000 * MS,
+            current: 2,
+            previous: 4,
+        };
+        assert_eq!(s.sharing(1050 * MS), 4);
+        assert_eq!(s.sharing(1150 * MS), 2);
+        assert_eq!(s.sharing(1200 * MS), 0);
     }
 
     #[test]

@@ -14,11 +14,15 @@ use quicklane_common::{
         activity_slot, aggregate, fell_silent, ClassActivity, Classes, QosStats, CLASSES,
         DIR_EGRESS, DIR_INGRESS,
     },
+    senders::Senders,
 };
 
 use crate::{
     datapath::{
-        legacy, open_pinned_map, pinned_names, qos::QosSummary, rules::RulesSummary, Object,
+        legacy, open_pinned_map, pinned_names,
+        qos::{QosSummary, SENDERS_MAP},
+        rules::RulesSummary,
+        Object,
     },
     paths::{PinDir, RunDir},
     state::AgentState,
@@ -91,6 +95,8 @@ pub struct QosCounters {
     pub dropped: u64,
     /// Bytes the bypass moved, charged to the same budget.
     pub bypassed: u64,
+    /// TCP sockets the pod's rate is split among now (`QL_QOS_SENDERS`; 0: none contends).
+    pub sockets: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -206,17 +212,29 @@ fn qos_status(pins: &PinDir, policy: QosSummary) -> Result<QosStatus, StatusErro
     let map_name = crate::datapath::qos::STATS_MAP;
     let err = |e: &dyn std::fmt::Display| counters_error(map_name, e);
     let stats: PerCpuArray<MapData, QosStats> = open_typed(pins, map_name, Map::PerCpuArray)?;
+    let senders: Array<MapData, Senders> = open_typed(pins, SENDERS_MAP, Map::Array)?;
+    let now = datapath_now().map_err(|e| err(&e))?;
     let sum = |slot: u32, dir: u32| -> Result<QosCounters, StatusError> {
-        let per_cpu = stats.get(&aggregate(slot, dir), 0).map_err(|e| err(&e))?;
-        Ok(per_cpu
-            .iter()
-            .fold(QosCounters::default(), |a, s| QosCounters {
+        let index = aggregate(slot, dir);
+        let per_cpu = stats.get(&index, 0).map_err(|e| err(&e))?;
+        let sockets = senders
+            .get(&index, 0)
+            .map_err(|e| counters_error(SENDERS_MAP, &e))?
+            .sharing(now);
+        Ok(per_cpu.iter().fold(
+            QosCounters {
+                sockets,
+                ..QosCounters::default()
+            },
+            |a, s| QosCounters {
                 packets: a.packets + s.packets,
                 bytes: a.bytes + s.bytes,
                 marked: a.marked + s.marked,
                 dropped: a.dropped + s.dropped,
                 bypassed: a.bypassed + s.bypassed,
-            }))
+                sockets,
+            },
+        ))
     };
     let pods = policy
         .pods
@@ -237,13 +255,17 @@ fn qos_status(pins: &PinDir, policy: QosSummary) -> Result<QosStatus, StatusErro
     })
 }
 
+/// The datapath's clock (bpf_ktime_get_ns), in ns.
+fn datapath_now() -> nix::Result<u64> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    Ok(u64::try_from(std::time::Duration::from(now).as_nanos()).unwrap_or(u64::MAX))
+}
+
 fn class_status(pins: &PinDir) -> Result<Vec<ClassNow>, StatusError> {
     let map_name = crate::datapath::qos::ACTIVE_MAP;
     let err = |e: &dyn std::fmt::Display| counters_error(map_name, e);
     let active: Array<MapData, ClassActivity> = open_typed(pins, map_name, Map::Array)?;
-    // The datapath's clock (bpf_ktime_get_ns).
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_err(|e| err(&e))?;
-    let now = u64::try_from(std::time::Duration::from(now).as_nanos()).unwrap_or(u64::MAX);
+    let now = datapath_now().map_err(|e| err(&e))?;
     let rows: Vec<Option<ClassActivity>> = (0..2 * CLASSES as u32)
         .map(|i| active.get(&i, 0).ok())
         .collect();
@@ -450,7 +472,7 @@ impl QosStatus {
         for (p, c) in self.policy.pods.iter().zip(&self.pods) {
             let _ = writeln!(
                 s,
-                "  {:<16} {:<10} {:<10} class {:<8} egress {:>14} ({} B shaped, {} B bypassed, {} marked, {} dropped)  ingress {:>14} ({} B shaped, {} B bypassed, {} marked, {} dropped)",
+                "  {:<16} {:<10} {:<10} class {:<8} egress {:>14} ({} B shaped, {} B bypassed, {} marked, {} dropped, {} sockets)  ingress {:>14} ({} B shaped, {} B bypassed, {} marked, {} dropped, {} sockets)",
                 p.name,
                 format!("{:?}", p.source).to_lowercase(),
                 p.interface,
@@ -460,11 +482,13 @@ impl QosStatus {
                 c.egress.bypassed,
                 c.egress.marked,
                 c.egress.dropped,
+                c.egress.sockets,
                 rate(p.ingress_bps),
                 c.ingress.bytes,
                 c.ingress.bypassed,
                 c.ingress.marked,
                 c.ingress.dropped,
+                c.ingress.sockets,
             );
         }
         for r in &self.policy.refused {

@@ -35,6 +35,8 @@ pub const ADDRS_MAP: &str = "QL_QOS_ADDRS";
 pub const ACTIVE_MAP: &str = "QL_QOS_ACTIVE";
 pub const STATS_MAP: &str = "QL_QOS_STATS";
 pub const EDT_MAP: &str = "QL_QOS_EDT";
+/// sock_ops' count of the sockets sharing each aggregate's rate.
+pub const SENDERS_MAP: &str = "QL_QOS_SENDERS";
 
 /// How packets are held to their departure times.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
