@@ -316,6 +316,8 @@ fn check_qos_figures(results: &[Value]) {
         for metric in [
             "rate-accuracy.tcp_rate",
             "rate-accuracy.tcp_retrans",
+            "rate-accuracy.tcp4_rate",
+            "rate-accuracy.tcp4_retrans",
             "rate-accuracy.udp_rate",
             "rate-accuracy.udp_offered",
             "cpu.tcp_per_gbit",
@@ -348,8 +350,9 @@ fn check_qos_figures(results: &[Value]) {
 
 /// The full profile's rate limits.
 const LIMITS: [&str; 3] = ["50M", "200M", "1G"];
-/// Three checks per limit and six on priority and preemption.
-const CHECKS: usize = 3 * LIMITS.len() + 6;
+/// Five checks per limit (rate for one TCP stream, four and UDP; retransmits for one and
+/// four) and six on priority and preemption.
+const CHECKS: usize = 5 * LIMITS.len() + 6;
 
 /// The checks against the QoS targets, judged on quicklane (and hi's latency also on
 /// quicklane+bypass).
@@ -367,7 +370,14 @@ fn check_qos_checks(ratios: &[Value]) {
     .map(str::to_owned)
     .into_iter()
     .chain(LIMITS.iter().flat_map(|l| {
-        ["tcp_rate", "tcp_retrans", "udp_rate"].map(|m| format!("rate-accuracy.{m}.{l}"))
+        [
+            "tcp_rate",
+            "tcp_retrans",
+            "tcp4_rate",
+            "tcp4_retrans",
+            "udp_rate",
+        ]
+        .map(|m| format!("rate-accuracy.{m}.{l}"))
     }))
     .collect();
     expected.sort_unstable();

@@ -8,7 +8,10 @@ use super::markdown::{commands, host, notes, num, spread, title};
 use super::svg::{Chart, Point, Rule, Scale, Series, XScale, MEDIANS_NOTE};
 use crate::progress::clock;
 use crate::results::{Mode, Results, Timeline};
-use crate::scenario::qos::timeline::{window_series, Flow};
+use crate::scenario::qos::{
+    timeline::{window_series, Flow},
+    STREAMS,
+};
 
 const ARMS: [Mode; 4] = [Mode::Quicklane, Mode::Htb, Mode::Tbf, Mode::QuicklaneBypass];
 /// Step between the points of a timeline chart, ms.
@@ -131,14 +134,15 @@ fn checks(md: &mut String, r: &Results) {
 fn rate_accuracy(md: &mut String, r: &Results) {
     let _ = writeln!(
         md,
-        "## Rate accuracy\n\n`hi` limited to L sends to `sink`: iperf3 TCP (cubic), then UDP offered \
-         at 2L. Rates are iperf3's received payload (goodput). htb and tbf charge every frame \
+        "## Rate accuracy\n\n`hi` limited to L sends to `sink`: iperf3 TCP (cubic), one stream and \
+         then {STREAMS} at once, then UDP offered at 2L. Rates are iperf3's received payload (goodput). htb and tbf charge every frame \
          with its headers, so their goodput at an exact limit is below L by the header share; \
          quicklane charges the length of the packet its tc program sees, in which a GSO packet \
          carries its headers once. CPU is the node's cgroup per Gbit received (TCP); qdisc work \
          done from timers or ksoftirqd is not charged to it.\n\n\
-         | limit | arm | TCP Mbit/s | TCP / L | retransmits, % of segments | UDP Mbit/s | UDP / L | \
-         UDP offered Mbit/s | CPU-s/Gbit |\n|---|---|---|---|---|---|---|---|---|"
+         | limit | arm | TCP Mbit/s | TCP / L | retransmits, % of segments | {STREAMS} x TCP / L | \
+         {STREAMS} x TCP retransmits, % | UDP Mbit/s | UDP / L | UDP offered Mbit/s | CPU-s/Gbit |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|"
     );
     for l in limits(r) {
         let by = bps(&l).map(|b| b / 1e6);
@@ -149,11 +153,13 @@ fn rate_accuracy(md: &mut String, r: &Results) {
             }
             let _ = writeln!(
                 md,
-                "| {l} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {l} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 arm.name(),
                 cell(r, &m("tcp_rate"), arm),
                 cell_over(r, &m("tcp_rate"), arm, by),
                 cell(r, &m("tcp_retrans"), arm),
+                cell_over(r, &m(&format!("tcp{STREAMS}_rate")), arm, by),
+                cell(r, &m(&format!("tcp{STREAMS}_retrans")), arm),
                 cell(r, &m("udp_rate"), arm),
                 cell_over(r, &m("udp_rate"), arm, by),
                 cell(r, &m("udp_offered"), arm),

@@ -1,6 +1,6 @@
 //! Samples by metric and arm, and the checks against the QoS targets computed from them.
 
-use super::{arms, Plan, MBIT};
+use super::{arms, Plan, MBIT, STREAMS};
 use crate::results::{Better, Figure, Mode, Ratio, Target};
 
 /// One metric on one arm: its unit and `(repetition, value)` samples.
@@ -86,7 +86,8 @@ pub(super) fn checks(plan: &Plan, c: &Collected) -> Vec<Ratio> {
             0.05,
             "QoS issue: rate within +-5 % of the limit",
         );
-        for proto in ["tcp", "udp"] {
+        let streams = format!("tcp{STREAMS}");
+        for proto in ["tcp", &streams, "udp"] {
             let metric = format!("rate-accuracy.{proto}_rate.{l}");
             out.extend(Ratio::of_samples(
                 &metric,
@@ -96,18 +97,20 @@ pub(super) fn checks(plan: &Plan, c: &Collected) -> Vec<Ratio> {
                 rate,
             ));
         }
-        let metric = format!("rate-accuracy.tcp_retrans.{l}");
-        out.extend(Ratio::of_samples(
-            &metric,
-            "quicklane retransmits / segments",
-            Some("%"),
-            c.each(&metric, q, |v| v),
-            target(
-                Better::Lower,
-                1.0,
-                "QoS issue: retransmits < 1 % of segments",
-            ),
-        ));
+        for tcp in ["tcp", &streams] {
+            let metric = format!("rate-accuracy.{tcp}_retrans.{l}");
+            out.extend(Ratio::of_samples(
+                &metric,
+                "quicklane retransmits / segments",
+                Some("%"),
+                c.each(&metric, q, |v| v),
+                target(
+                    Better::Lower,
+                    1.0,
+                    "QoS issue: retransmits < 1 % of segments",
+                ),
+            ));
+        }
     }
     let p99 = "priority.hi_rtt_p99.saturated";
     out.extend(Ratio::of_samples(

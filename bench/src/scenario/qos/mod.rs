@@ -4,8 +4,9 @@
 //!
 //! Figure groups:
 //!
-//! - `rate-accuracy`: `hi` limited to L sends TCP (cubic, iperf3) and UDP at 2L to `sink`:
-//!   received rate / L and TCP retransmits / segments. Arms: quicklane, htb, tbf.
+//! - `rate-accuracy`: `hi` limited to L sends TCP (cubic, iperf3; one stream, then
+//!   `STREAMS` at once) and UDP at 2L to `sink`: received rate / L and TCP retransmits /
+//!   segments. Arms: quicklane, htb, tbf.
 //! - `cpu`: CPU-seconds per Gbit of those TCP runs (the node's cgroup, `cpu.rs`).
 //! - `priority`: capacity C; `hi` priority 0, `lo` priority 2 with guarantee G. `hi`'s
 //!   sockperf ping-pong round trips to `sink`, idle and while `lo` saturates (iperf3), and
@@ -60,6 +61,9 @@ const HI_IDLE_SECS: f64 = 3.0;
 /// Between the end of `hi`'s last step and the preemption step's start (the saturated step's
 /// tail, the stream server's start): counted towards `HI_IDLE_SECS` in the estimate.
 const HI_GAP_SECS: f64 = LO_TAIL_SECS + 0.3;
+
+/// Streams of `hi` in the rate-accuracy step that has several (`iperf3 -P`).
+pub(crate) const STREAMS: u32 = 4;
 
 /// The arms, in the order of repetition 0.
 const ARMS: [Mode; 4] = [Mode::Quicklane, Mode::Htb, Mode::Tbf, Mode::QuicklaneBypass];
@@ -147,8 +151,13 @@ impl Plan {
         }
     }
 
-    fn steps(block: Block, arm: Mode) -> Vec<Step> {
+    /// `block`'s steps on `arm`. Several streams only in the full profile: the quick one
+    /// must stay under two minutes.
+    fn steps(&self, block: Block, arm: Mode) -> Vec<Step> {
         match (block, arm) {
+            (Block::Rate(limit), _) if self.profile == Profile::Full => {
+                vec![Step::Tcp(limit), Step::Streams(limit), Step::Udp(limit)]
+            }
             (Block::Rate(limit), _) => vec![Step::Tcp(limit), Step::Udp(limit)],
             // The bypass changes hi's latency; preemption is the shaper's alone.
             (Block::Priority, Mode::QuicklaneBypass) => vec![Step::Idle, Step::Saturated],
@@ -161,7 +170,7 @@ impl Plan {
         // start-up; the preemption step its two phases plus process starts.
         let sockperf = f64::from(self.sockperf_secs) + sockperf::OVERHEAD_SECS;
         match step {
-            Step::Tcp(_) | Step::Udp(_) => f64::from(self.iperf3_secs) + 0.15,
+            Step::Tcp(_) | Step::Streams(_) | Step::Udp(_) => f64::from(self.iperf3_secs) + 0.15,
             Step::Idle => sockperf,
             Step::Saturated => sockperf + LO_LEAD_SECS + LO_TAIL_SECS,
             Step::Preemption => self.lo_alone_secs(None) + self.phase_secs + 0.4,
@@ -177,7 +186,8 @@ impl Plan {
     }
 
     fn block_secs(&self, block: Block, arm: Mode) -> f64 {
-        let steps: f64 = Self::steps(block, arm)
+        let steps: f64 = self
+            .steps(block, arm)
             .iter()
             .map(|&s| self.step_secs(s))
             .sum();
@@ -203,7 +213,7 @@ impl Plan {
                 .flat_map(|b| {
                     self.arms(b)
                         .into_iter()
-                        .map(move |a| Self::steps(b, a).len())
+                        .map(move |a| self.steps(b, a).len())
                 })
                 .sum::<usize>()
     }
@@ -248,6 +258,8 @@ impl Block {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
     Tcp(u64),
+    /// `STREAMS` TCP streams at once into the limit.
+    Streams(u64),
     Udp(u64),
     /// `hi`'s ping-pong with `lo` idle.
     Idle,
@@ -260,6 +272,10 @@ impl Step {
     fn label(self) -> String {
         match self {
             Self::Tcp(l) => format!("iperf3 tcp cubic, limit {}", arms::quantity(l)),
+            Self::Streams(l) => format!(
+                "iperf3 tcp cubic, {STREAMS} streams, limit {}",
+                arms::quantity(l)
+            ),
             Self::Udp(l) => format!(
                 "iperf3 udp at {} into limit {}",
                 arms::quantity(2 * l),
@@ -369,7 +385,7 @@ impl<'a> Bench<'a> {
                 let arms = self.plan.arms(block);
                 for &arm in order.iter().filter(|a| arms.contains(a)) {
                     let armed = self.arm(block, arm, rep)?;
-                    for step in Plan::steps(block, arm) {
+                    for step in self.plan.steps(block, arm) {
                         progress.begin(rep, self.plan.reps, arm, &step.label());
                         self.step(step, arm, rep)?;
                         progress.end(self.plan.step_secs(step));
@@ -604,11 +620,20 @@ mod tests {
             [Mode::Quicklane, Mode::Htb, Mode::Tbf]
         );
         assert_eq!(
-            Plan::steps(Block::Priority, Mode::QuicklaneBypass),
+            full.steps(Block::Priority, Mode::QuicklaneBypass),
             [Step::Idle, Step::Saturated]
         );
-        // Per rep: 3 arms x 2 rate steps + 2 arms x 3 priority steps (+ 2 bypass steps).
+        assert_eq!(
+            quick.steps(Block::Rate(1), Mode::Htb),
+            [Step::Tcp(1), Step::Udp(1)]
+        );
+        assert_eq!(
+            full.steps(Block::Rate(1), Mode::Htb),
+            [Step::Tcp(1), Step::Streams(1), Step::Udp(1)]
+        );
+        // Per rep: 3 arms x 2 rate steps (full: 3 rate steps for each of 3 limits) + 2 arms x
+        // 3 priority steps (+ 2 bypass steps).
         assert_eq!(quick.step_count(), 3 * (6 + 6));
-        assert_eq!(full.step_count(), full.reps * (3 * 6 + 6 + 2));
+        assert_eq!(full.step_count(), full.reps * (3 * 3 * 3 + 6 + 2));
     }
 }

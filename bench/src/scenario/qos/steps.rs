@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use simnode::{Pod, Proc};
 
 use super::timeline::{self, Flow};
-use super::{arms, Bench, Step, LO_LEAD_SECS, LO_TAIL_SECS, MBIT};
+use super::{arms, Bench, Step, LO_LEAD_SECS, LO_TAIL_SECS, MBIT, STREAMS};
 use crate::cpu::{self, CpuMeter};
 use crate::error::Error;
 use crate::interrupt;
@@ -122,7 +122,8 @@ impl<'a> Bench<'a> {
 
     pub(super) fn step(&mut self, step: Step, arm: Mode, rep: usize) -> Result<(), Error> {
         match step {
-            Step::Tcp(limit) => self.tcp(limit, arm, rep),
+            Step::Tcp(limit) => self.tcp(limit, 1, arm, rep),
+            Step::Streams(limit) => self.tcp(limit, STREAMS, arm, rep),
             Step::Udp(limit) => self.udp(limit, arm, rep),
             Step::Idle => self.ping(None, arm, rep),
             Step::Saturated => self.saturated(arm, rep),
@@ -134,12 +135,20 @@ impl<'a> Bench<'a> {
         self.collected.add(metric, arm, unit, rep, value);
     }
 
-    fn tcp(&mut self, limit: u64, arm: Mode, rep: usize) -> Result<(), Error> {
+    /// `streams` TCP streams of `hi` into its limit: `tcp_*` figures for one, `tcp<n>_*` for
+    /// several (CPU for one only).
+    fn tcp(&mut self, limit: u64, streams: u32, arm: Mode, rep: usize) -> Result<(), Error> {
         let l = arms::quantity(limit);
         let meter = CpuMeter::new([self.node.cgroup_dir()]);
         let cpu_before = meter.seconds()?;
-        let args = iperf3::tcp_args(self.sink_v4(), RATE_PORT, self.plan.iperf3_secs, "cubic");
-        let timeout = self.timeout(Step::Tcp(limit));
+        let mut args = iperf3::tcp_args(self.sink_v4(), RATE_PORT, self.plan.iperf3_secs, "cubic");
+        let (step, tcp) = if streams == 1 {
+            (Step::Tcp(limit), "tcp".to_owned())
+        } else {
+            args.extend(["-P".into(), streams.to_string()]);
+            (Step::Streams(limit), format!("tcp{streams}"))
+        };
+        let timeout = self.timeout(step);
         let out = self.rec.run(
             Place::Pod(self.node.pod(0)),
             OsStr::new("iperf3"),
@@ -150,24 +159,27 @@ impl<'a> Bench<'a> {
         let cpu_s = meter.seconds()? - cpu_before;
         self.hi_sent = Some(Instant::now());
         let run = iperf3::parse(&out)?;
-        let what = format!("iperf3 tcp into limit {l}");
         let segments = (run.sent_bytes / SEGMENT_BYTES).max(1);
-        let cpu = cpu::per_gbit(cpu_s, run.received_bytes as f64)
-            .ok_or_else(|| bad(&what, format!("no CPU time measured ({cpu_s} s)")))?;
         self.add(
-            &format!("rate-accuracy.tcp_rate.{l}"),
+            &format!("rate-accuracy.{tcp}_rate.{l}"),
             arm,
             "Mbit/s",
             rep,
             run.gbit_per_s * 1000.0,
         );
         self.add(
-            &format!("rate-accuracy.tcp_retrans.{l}"),
+            &format!("rate-accuracy.{tcp}_retrans.{l}"),
             arm,
             "% of segments",
             rep,
             run.retransmits as f64 * 100.0 / segments as f64,
         );
+        if streams != 1 {
+            return Ok(());
+        }
+        let what = format!("iperf3 tcp into limit {l}");
+        let cpu = cpu::per_gbit(cpu_s, run.received_bytes as f64)
+            .ok_or_else(|| bad(&what, format!("no CPU time measured ({cpu_s} s)")))?;
         self.add(
             &format!("cpu.tcp_per_gbit.{l}"),
             arm,
