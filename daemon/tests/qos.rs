@@ -144,6 +144,50 @@ fn parallel_streams_of_one_pod_share_its_limit_without_loss() {
     node.teardown().unwrap();
 }
 
+/// Sockets of two pods sending into a third pod's ingress limit split it between them too:
+/// the count is per limited aggregate, whichever pod the sockets belong to.
+#[test]
+fn streams_from_two_pods_share_a_third_pods_ingress_limit() {
+    if !privileged("qos shared ingress test") {
+        return;
+    }
+    let _serial = one_at_a_time();
+    let node = Node::new(3).unwrap();
+    let (a, b, sink) = (node.pod(0), node.pod(1), node.pod(2));
+    let config = qos_config(
+        &node,
+        "capacity = \"10G\"",
+        &format!(
+            "{}{}{}",
+            pod_entry(a, &[]),
+            pod_entry(b, &[]),
+            pod_entry(sink, &[("kubernetes.io/ingress-bandwidth", "100M")])
+        ),
+    );
+    let agent = Agent::start(&node, &config, false);
+    let (_s1, _s2) = (iperf_server(sink, 5801), iperf_server(sink, 5802));
+    let runs = [
+        iperf_spawn(a, sink, 5801, 4, &["-P", "2"]),
+        iperf_spawn(b, sink, 5802, 4, &["-P", "2"]),
+    ];
+    std::thread::sleep(Duration::from_secs(2));
+    let s = status(&node);
+    let sockets = &s["qos"]["pods"][2]["ingress"]["sockets"];
+    let m = runs.map(|r| measured(&r.wait_with_output().unwrap()));
+    eprintln!("{m:?}\n{}", qos_report(&node));
+    assert_eq!(sockets.as_u64(), Some(4), "{s:#}");
+    let total = Measured {
+        bits_per_sec: m.iter().map(|m| m.bits_per_sec).sum(),
+        retransmits: m.iter().map(|m| m.retransmits).sum(),
+        bytes: m.iter().map(|m| m.bytes).sum(),
+        intervals: Vec::new(),
+    };
+    assert_tcp_at_limit("2 x 2 TCP into a 100M ingress limit", &total, 100.0 * MBIT);
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{log}");
+    node.teardown().unwrap();
+}
+
 fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len() as f64
 }
