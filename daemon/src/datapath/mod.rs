@@ -177,7 +177,12 @@ impl Datapath {
         // policy (a socket judged for the bypass without it would never be judged again).
         if let Some(enforcement) = enforcement {
             let started = this
-                .ensure_maps(&[qos::PODS_MAP, qos::IFINDEX_MAP, qos::ADDRS_MAP])
+                .ensure_maps(&[
+                    qos::PODS_MAP,
+                    qos::IFINDEX_MAP,
+                    qos::ADDRS_MAP,
+                    qos::SENDERS_MAP,
+                ])
                 .and_then(|()| qos::QosState::start(&this.pins, config, enforcement, source));
             match started {
                 Ok(state) => this.qos = Some(state),
@@ -203,7 +208,7 @@ impl Datapath {
     fn ensure_maps(&mut self, maps: &[&str]) -> Result<(), DatapathError> {
         for &name in maps {
             if !self.pins.map(name).exists() {
-                let object = if name == qos::ADDRS_MAP {
+                let object = if name == qos::ADDRS_MAP || name == qos::SENDERS_MAP {
                     Object::Sockops
                 } else {
                     Object::Tc

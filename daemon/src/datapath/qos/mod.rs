@@ -12,6 +12,7 @@ use quicklane_common::{
         aggregate, AddrKey, ClassActivity, QosPod, QosStats, ACTIVE_THRESHOLD_PER_MILLE,
         CLASS_OFFLINE, DIR_EGRESS, DIR_INGRESS, MASKS, POD_F_EGRESS, POD_F_INGRESS,
     },
+    senders::Senders,
     sock::{AF_INET, AF_INET6},
 };
 use quicklane_qos::{rate_table, Direction, NodePolicy, PodDemand, PodPolicy};
@@ -256,15 +257,20 @@ fn read_bytes(
 }
 
 /// A slot handed to a new pod starts clean: no departure time queued by the pod before it
-/// (which would hold the newcomer's first packets) and counters from zero.
+/// (which would hold the newcomer's first packets), no count of its sockets splitting the
+/// newcomer's rate, and counters from zero.
 fn reset_slot(pins: &PinDir, slot: u32) -> Result<(), DatapathError> {
     let mut edt: Array<MapData, u64> = typed(pins, EDT_MAP, Map::Array)?;
+    let mut senders: Array<MapData, Senders> = typed(pins, SENDERS_MAP, Map::Array)?;
     let mut stats: PerCpuArray<MapData, QosStats> = typed(pins, STATS_MAP, Map::PerCpuArray)?;
     let stats_err = |e: std::io::Error| super::pin_err(std::path::Path::new(STATS_MAP), e);
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| stats_err(e))?;
     for dir in [DIR_EGRESS, DIR_INGRESS] {
         let index = aggregate(slot, dir);
         edt.set(index, 0, 0).map_err(|e| map_err(EDT_MAP, &e))?;
+        senders
+            .set(index, Senders::default(), 0)
+            .map_err(|e| map_err(SENDERS_MAP, &e))?;
         let zero = aya::maps::PerCpuValues::try_from(vec![QosStats::default(); cpus])
             .map_err(stats_err)?;
         stats
