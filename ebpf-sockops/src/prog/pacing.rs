@@ -78,7 +78,6 @@ pub fn shaped_slots(key: &SockKey) -> (u32, u32) {
 
 /// Re-applies the rate at an RTT sample of a paced socket; false (and the pacing cap
 /// lifted) once its pods lost their policy, so the caller can stop the RTT callbacks.
-#[inline(always)]
 pub fn refresh(ctx: &SockOpsContext, key: &SockKey) -> bool {
     if config_flags() & SOCKOPS_F_PACING != 0 && apply(ctx, key) {
         count(c::PACING_UPDATES, 1);

@@ -286,7 +286,6 @@ fn learn_service(key: &SockKey, meta: &SockMeta) {
 /// A socket demoted to TCP by sk_msg leaves the sockhash here (sk_msg may not delete from a
 /// sockhash; sock_ops may), so its writes get plain TCP and its batching back. Only when
 /// nothing was ever redirected into it: removal frees the redirect queue with its contents.
-#[inline(always)]
 fn on_rtt(ctx: &SockOpsContext) {
     let Some(key) = key_from_ctx!(ctx.ops) else {
         return;
