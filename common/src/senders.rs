@@ -54,9 +54,23 @@ pub struct PacedSock {
     pub marks: [Mark; 2],
 }
 
+/// Where an aggregate's timeline stands against its rate when a socket samples it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Load {
+    /// Well behind now: the pod sends less than its rate, nobody contends.
+    Lagging,
+    /// About at its rate.
+    AtRate,
+    /// Ahead of it, braking (`qos::paced_rate`): its sockets send more than the rate, as
+    /// several streams do in the first round trips before they have counted themselves.
+    /// Then a socket counts once it moved an eighth of what `AtRate` asks: without that, four
+    /// streams starting at once ran into the drop horizon before the count reached them.
+    Over,
+}
+
 /// Notes a sample of a socket (`acked` bytes acknowledged so far) that sends into an
-/// aggregate whose pod rate is `rate` and which is `contended` (at its rate, not lagging it),
-/// and returns how many sockets the rate is split among (at least 1).
+/// aggregate whose pod rate is `rate` and whose timeline is at `load`, and returns how many
+/// sockets the rate is split among (at least 1).
 ///
 /// Window restarts are plain stores: racing restarts can lose a count for one window, which
 /// the previous window's count covers.
@@ -69,7 +83,7 @@ pub unsafe fn note(
     mark: *mut Mark,
     acked: u64,
     rate: u64,
-    contended: bool,
+    load: Load,
     now: u64,
 ) -> u64 {
     // SAFETY: guaranteed by the caller.
@@ -98,8 +112,8 @@ pub unsafe fn note(
                 counted: 0,
             };
         } else if m.counted == 0
-            && contended
-            && acked.saturating_sub(m.base) >= contending_bytes(rate, ways)
+            && load != Load::Lagging
+            && acked.saturating_sub(m.base) >= contending_bytes(rate, ways, load)
         {
             m.counted = 1;
             current = atomic_fetch_add(&raw mut s.current, 1) + 1;
@@ -135,11 +149,17 @@ fn split(current: u64, previous: u64) -> u64 {
 }
 
 /// Bytes a socket must have acknowledged within a window to contend: an eighth of what its
-/// share (`rate` bytes/s split `ways` ways) moves in a window.
+/// share (`rate` bytes/s split `ways` ways) moves in a window, an eighth of that while the
+/// aggregate is `Over` its rate.
 #[inline(always)]
-fn contending_bytes(rate: u64, ways: u64) -> u64 {
+fn contending_bytes(rate: u64, ways: u64, load: Load) -> u64 {
     let share = rate.checked_div(ways).unwrap_or(rate);
-    share / 8 * (WINDOW_NS / 1_000_000) / 1_000
+    let bytes = share / 8 * (WINDOW_NS / 1_000_000) / 1_000;
+    if load == Load::Over {
+        bytes / 8
+    } else {
+        bytes
+    }
 }
 
 #[cfg(feature = "user")]
@@ -166,21 +186,34 @@ mod tests {
         s: &mut Senders,
         socks: &mut [Mark],
         rates: &[u64],
-        contended: bool,
+        load: Load,
         from: u64,
         until: u64,
     ) -> (u64, u64) {
+        run_every(s, socks, rates, load, from, until, 20)
+    }
+
+    /// `run`, sampling every `every` ms.
+    fn run_every(
+        s: &mut Senders,
+        socks: &mut [Mark],
+        rates: &[u64],
+        load: Load,
+        from: u64,
+        until: u64,
+        every: u64,
+    ) -> (u64, u64) {
         let mut seen = (0, 0);
         let mut t = from;
-        while t < until {
+        while t <= until {
             seen = (u64::MAX, 0);
             for (m, rate) in socks.iter_mut().zip(rates) {
                 let acked = rate * t / 1000;
                 // SAFETY: locals.
-                let split = unsafe { note(s, m, acked, RATE, contended, t * MS) };
+                let split = unsafe { note(s, m, acked, RATE, load, t * MS) };
                 seen = (seen.0.min(split), seen.1.max(split));
             }
-            t += 20;
+            t += every;
         }
         seen
     }
@@ -191,7 +224,10 @@ mod tests {
         let mut socks = [Mark::default(); 6];
         // Four streams at a quarter of the rate each, two sockets sending 10 KB/s.
         let rates = [RATE / 4, RATE / 4, RATE / 4, RATE / 4, 10_000, 10_000];
-        assert_eq!(run(&mut s, &mut socks, &rates, true, 0, 500), (4, 4));
+        assert_eq!(
+            run(&mut s, &mut socks, &rates, Load::AtRate, 0, 500),
+            (4, 4)
+        );
         assert_eq!(s.previous, 4);
     }
 
@@ -199,7 +235,10 @@ mod tests {
     fn a_lone_stream_among_idle_sockets_keeps_the_whole_rate() {
         let mut s = Senders::default();
         let mut socks = [Mark::default(); 3];
-        assert_eq!(run(&mut s, &mut socks, &[RATE, 0, 0], true, 0, 500), (1, 1));
+        assert_eq!(
+            run(&mut s, &mut socks, &[RATE, 0, 0], Load::AtRate, 0, 500),
+            (1, 1)
+        );
     }
 
     #[test]
@@ -207,8 +246,14 @@ mod tests {
         let mut s = Senders::default();
         let mut socks = [Mark::default(); 4];
         let rates = [RATE / 4; 4];
-        assert_eq!(run(&mut s, &mut socks, &rates, true, 0, 300), (4, 4));
-        assert_eq!(run(&mut s, &mut socks, &rates, false, 300, 520), (1, 1));
+        assert_eq!(
+            run(&mut s, &mut socks, &rates, Load::AtRate, 0, 300),
+            (4, 4)
+        );
+        assert_eq!(
+            run(&mut s, &mut socks, &rates, Load::Lagging, 300, 520),
+            (1, 1)
+        );
         // An aggregate nobody sampled for two windows starts from nothing.
         let mut s = Senders {
             window_start: 0,
@@ -218,9 +263,36 @@ mod tests {
         let mut m = Mark::default();
         // SAFETY: locals.
         assert_eq!(
-            unsafe { note(&raw mut s, &raw mut m, 0, RATE, true, 250 * MS) },
+            unsafe { note(&raw mut s, &raw mut m, 0, RATE, Load::AtRate, 250 * MS) },
             1
         );
+    }
+
+    #[test]
+    fn streams_over_the_rate_count_themselves_within_a_few_samples() {
+        // Four streams at half the rate each (the brake's floor), sampled every 5 ms: over
+        // the rate they count after 20 KB, at their second sample; at it they would need
+        // 156 KB, 25 ms.
+        let mut s = Senders::default();
+        let mut socks = [Mark::default(); 4];
+        assert_eq!(
+            run_every(&mut s, &mut socks, &[RATE / 2; 4], Load::Over, 0, 15, 5),
+            (4, 4)
+        );
+        let mut s = Senders::default();
+        let mut socks = [Mark::default(); 4];
+        assert_eq!(
+            run_every(&mut s, &mut socks, &[RATE / 2; 4], Load::AtRate, 0, 15, 5),
+            (1, 1)
+        );
+        // A trickle does not count even then.
+        let mut s = Senders::default();
+        let mut m = [Mark::default()];
+        assert_eq!(
+            run_every(&mut s, &mut m, &[10_000], Load::Over, 0, 100, 5),
+            (1, 1)
+        );
+        assert_eq!(s.current, 0);
     }
 
     #[test]
@@ -239,9 +311,12 @@ mod tests {
     fn a_stream_joining_is_counted_within_a_window() {
         let mut s = Senders::default();
         let mut socks = [Mark::default(); 2];
-        assert_eq!(run(&mut s, &mut socks[..1], &[RATE], true, 0, 300), (1, 1));
         assert_eq!(
-            run(&mut s, &mut socks, &[RATE / 2; 2], true, 300, 520),
+            run(&mut s, &mut socks[..1], &[RATE], Load::AtRate, 0, 300),
+            (1, 1)
+        );
+        assert_eq!(
+            run(&mut s, &mut socks, &[RATE / 2; 2], Load::AtRate, 300, 520),
             (2, 2)
         );
     }

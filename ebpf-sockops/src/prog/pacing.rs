@@ -19,7 +19,7 @@ use quicklane_common::{
         aggregate, effective_rate, paced_rate, AddrKey, Classes, QosPod, CLASSES, DIR_EGRESS,
         DIR_INGRESS,
     },
-    senders::{self, PacedSock},
+    senders::{self, Load, PacedSock},
     sock::SockKey,
     SOCKOPS_F_PACING,
 };
@@ -224,9 +224,15 @@ fn socket_rate(agg: u32, rate: u64, sample: &Sample) -> u64 {
     // SAFETY: a live LRU hash value; only this socket's callbacks touch its marks. The
     // aggregate's low bit is its direction.
     let mark = unsafe { &raw mut (*sock).marks[(agg & 1) as usize] };
-    let contended = now <= timeline + credit / 2;
+    let load = if paced < rate {
+        Load::Over
+    } else if now <= timeline + credit / 2 {
+        Load::AtRate
+    } else {
+        Load::Lagging
+    };
     // SAFETY: an array value and a hash value, 8-byte aligned.
-    let split = unsafe { senders::note(senders, mark, sample.acked, rate, contended, now) };
+    let split = unsafe { senders::note(senders, mark, sample.acked, rate, load, now) };
     paced.checked_div(split).unwrap_or(paced)
 }
 
