@@ -144,6 +144,37 @@ fn parallel_streams_of_one_pod_share_its_limit_without_loss() {
     node.teardown().unwrap();
 }
 
+/// Sockets that send a little do not count: a bulk stream beside ten light ones (100 kbit/s
+/// each, far below an eighth of a share) keeps the pod's rate less what they use.
+#[test]
+fn a_bulk_stream_beside_light_connections_keeps_the_pods_rate() {
+    if !privileged("qos bulk beside light test") {
+        return;
+    }
+    let _serial = one_at_a_time();
+    let (node, agent) = limited_pair("100M");
+    let (a, b) = (node.pod(0), node.pod(1));
+    let (_s1, _s2) = (iperf_server(b, 5901), iperf_server(b, 5902));
+    let light = iperf_spawn(a, b, 5901, 5, &["-P", "10", "-b", "100K", "-l", "1K"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let bulk = iperf_spawn(a, b, 5902, 4, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    let s = status(&node);
+    let bulk = measured(&bulk.wait_with_output().unwrap());
+    let light = measured(&light.wait_with_output().unwrap());
+    eprintln!("bulk: {bulk:?}\nlight: {light:?}\n{}", qos_report(&node));
+    assert_eq!(
+        s["qos"]["pods"][0]["egress"]["sockets"].as_u64(),
+        Some(1),
+        "{s:#}"
+    );
+    assert_within("the light streams", light.bits_per_sec, 1.0 * MBIT, 0.1);
+    assert_tcp_at_limit("the bulk stream", &bulk, 99.0 * MBIT);
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{log}");
+    node.teardown().unwrap();
+}
+
 /// Sockets of two pods sending into a third pod's ingress limit split it between them too:
 /// the count is per limited aggregate, whichever pod the sockets belong to.
 #[test]
