@@ -175,6 +175,32 @@ fn a_bulk_stream_beside_light_connections_keeps_the_pods_rate() {
     node.teardown().unwrap();
 }
 
+/// Sockets that send a moderate amount, below their share, still count whole: three streams
+/// at 20 Mbit/s beside a bulk stream in a 100M pod hold the bulk stream to a quarter, and the
+/// pod uses less than its rate until the count fades. Known to fail (see the QoS section of
+/// the README): ignored in CI, run it with `--ignored --nocapture` to see the figures.
+#[test]
+#[ignore = "open: sockets below their share count whole, so the pod's rate is not all used"]
+fn moderate_streams_leave_the_bulk_stream_the_rest_of_the_rate() {
+    if !privileged("qos moderate streams test") {
+        return;
+    }
+    let _serial = one_at_a_time();
+    let (node, agent) = limited_pair("100M");
+    let (a, b) = (node.pod(0), node.pod(1));
+    let (_s1, _s2) = (iperf_server(b, 5903), iperf_server(b, 5904));
+    let moderate = iperf_spawn(a, b, 5903, 5, &["-P", "3", "-b", "20M"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let bulk = measured(&iperf_spawn(a, b, 5904, 4, &[]).wait_with_output().unwrap());
+    let moderate = measured(&moderate.wait_with_output().unwrap());
+    eprintln!("bulk: {bulk:?}\nmoderate: {moderate:?}\n{}", qos_report(&node));
+    assert_within("the moderate streams", moderate.bits_per_sec, 60.0 * MBIT, 0.05);
+    assert_tcp_at_limit("the bulk stream", &bulk, 40.0 * MBIT);
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{log}");
+    node.teardown().unwrap();
+}
+
 /// Sockets of two pods sending into a third pod's ingress limit split it between them too:
 /// the count is per limited aggregate, whichever pod the sockets belong to.
 #[test]
