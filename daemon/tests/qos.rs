@@ -193,8 +193,16 @@ fn moderate_streams_leave_the_bulk_stream_the_rest_of_the_rate() {
     std::thread::sleep(Duration::from_millis(500));
     let bulk = measured(&iperf_spawn(a, b, 5904, 4, &[]).wait_with_output().unwrap());
     let moderate = measured(&moderate.wait_with_output().unwrap());
-    eprintln!("bulk: {bulk:?}\nmoderate: {moderate:?}\n{}", qos_report(&node));
-    assert_within("the moderate streams", moderate.bits_per_sec, 60.0 * MBIT, 0.05);
+    eprintln!(
+        "bulk: {bulk:?}\nmoderate: {moderate:?}\n{}",
+        qos_report(&node)
+    );
+    assert_within(
+        "the moderate streams",
+        moderate.bits_per_sec,
+        60.0 * MBIT,
+        0.05,
+    );
     assert_tcp_at_limit("the bulk stream", &bulk, 40.0 * MBIT);
     let (exit, log) = agent.stop();
     assert!(exit.success(), "{log}");
