@@ -179,22 +179,10 @@ mod tests {
     const RATE: u64 = 12_500_000; // 100 Mbit/s
     const MS: u64 = 1_000_000;
 
-    /// Samples every socket of `socks` every 20 ms from `from` until `until` (ms), each
+    /// Samples every socket of `socks` every `every` ms from `from` until `until` (ms), each
     /// having sent `rates[i]` bytes/s; returns the least and the most split seen in the last
     /// round of samples.
     fn run(
-        s: &mut Senders,
-        socks: &mut [Mark],
-        rates: &[u64],
-        load: Load,
-        from: u64,
-        until: u64,
-    ) -> (u64, u64) {
-        run_every(s, socks, rates, load, from, until, 20)
-    }
-
-    /// `run`, sampling every `every` ms.
-    fn run_every(
         s: &mut Senders,
         socks: &mut [Mark],
         rates: &[u64],
@@ -225,7 +213,7 @@ mod tests {
         // Four streams at a quarter of the rate each, two sockets sending 10 KB/s.
         let rates = [RATE / 4, RATE / 4, RATE / 4, RATE / 4, 10_000, 10_000];
         assert_eq!(
-            run(&mut s, &mut socks, &rates, Load::AtRate, 0, 500),
+            run(&mut s, &mut socks, &rates, Load::AtRate, 0, 500, 20),
             (4, 4)
         );
         assert_eq!(s.previous, 4);
@@ -236,7 +224,7 @@ mod tests {
         let mut s = Senders::default();
         let mut socks = [Mark::default(); 3];
         assert_eq!(
-            run(&mut s, &mut socks, &[RATE, 0, 0], Load::AtRate, 0, 500),
+            run(&mut s, &mut socks, &[RATE, 0, 0], Load::AtRate, 0, 500, 20),
             (1, 1)
         );
     }
@@ -247,11 +235,11 @@ mod tests {
         let mut socks = [Mark::default(); 4];
         let rates = [RATE / 4; 4];
         assert_eq!(
-            run(&mut s, &mut socks, &rates, Load::AtRate, 0, 300),
+            run(&mut s, &mut socks, &rates, Load::AtRate, 0, 300, 20),
             (4, 4)
         );
         assert_eq!(
-            run(&mut s, &mut socks, &rates, Load::Lagging, 300, 520),
+            run(&mut s, &mut socks, &rates, Load::Lagging, 300, 520, 20),
             (1, 1)
         );
         // An aggregate nobody sampled for two windows starts from nothing.
@@ -276,20 +264,20 @@ mod tests {
         let mut s = Senders::default();
         let mut socks = [Mark::default(); 4];
         assert_eq!(
-            run_every(&mut s, &mut socks, &[RATE / 2; 4], Load::Over, 0, 15, 5),
+            run(&mut s, &mut socks, &[RATE / 2; 4], Load::Over, 0, 15, 5),
             (4, 4)
         );
         let mut s = Senders::default();
         let mut socks = [Mark::default(); 4];
         assert_eq!(
-            run_every(&mut s, &mut socks, &[RATE / 2; 4], Load::AtRate, 0, 15, 5),
+            run(&mut s, &mut socks, &[RATE / 2; 4], Load::AtRate, 0, 15, 5),
             (1, 1)
         );
         // A trickle does not count even then.
         let mut s = Senders::default();
         let mut m = [Mark::default()];
         assert_eq!(
-            run_every(&mut s, &mut m, &[10_000], Load::Over, 0, 100, 5),
+            run(&mut s, &mut m, &[10_000], Load::Over, 0, 100, 5),
             (1, 1)
         );
         assert_eq!(s.current, 0);
@@ -312,11 +300,19 @@ mod tests {
         let mut s = Senders::default();
         let mut socks = [Mark::default(); 2];
         assert_eq!(
-            run(&mut s, &mut socks[..1], &[RATE], Load::AtRate, 0, 300),
+            run(&mut s, &mut socks[..1], &[RATE], Load::AtRate, 0, 300, 20),
             (1, 1)
         );
         assert_eq!(
-            run(&mut s, &mut socks, &[RATE / 2; 2], Load::AtRate, 300, 520),
+            run(
+                &mut s,
+                &mut socks,
+                &[RATE / 2; 2],
+                Load::AtRate,
+                300,
+                520,
+                20
+            ),
             (2, 2)
         );
     }
