@@ -221,20 +221,17 @@ fn qos_status(pins: &PinDir, policy: QosSummary) -> Result<QosStatus, StatusErro
             .get(&index, 0)
             .map_err(|e| counters_error(SENDERS_MAP, &e))?
             .sharing(now);
-        Ok(per_cpu.iter().fold(
-            QosCounters {
-                sockets,
-                ..QosCounters::default()
-            },
-            |a, s| QosCounters {
+        let summed = per_cpu
+            .iter()
+            .fold(QosCounters::default(), |a, s| QosCounters {
                 packets: a.packets + s.packets,
                 bytes: a.bytes + s.bytes,
                 marked: a.marked + s.marked,
                 dropped: a.dropped + s.dropped,
                 bypassed: a.bypassed + s.bypassed,
-                sockets,
-            },
-        ))
+                sockets: 0,
+            });
+        Ok(QosCounters { sockets, ..summed })
     };
     let pods = policy
         .pods

@@ -94,15 +94,15 @@ pub fn forget(ctx: &SockOpsContext) {
     let _ = QL_PACED.remove(&unsafe { bpf_get_socket_cookie(ctx.ops.cast()) });
 }
 
-/// The socket's cookie, with its marks created at its first sample.
+/// The socket's marks, created at its first sample in a shaped direction (so sockets with
+/// no shaped end never take an entry); `None` if the map refused it.
 #[inline(always)]
-fn paced_sock(ctx: &SockOpsContext) -> u64 {
-    // SAFETY: helper on the live sock_ops context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    if QL_PACED.get_ptr(&cookie).is_none() {
-        let _ = QL_PACED.insert(&cookie, &PacedSock::default(), 0);
+fn paced_sock(cookie: u64) -> Option<*mut PacedSock> {
+    if let Some(p) = QL_PACED.get_ptr_mut(&cookie) {
+        return Some(p);
     }
-    cookie
+    let _ = QL_PACED.insert(&cookie, &PacedSock::default(), 0);
+    QL_PACED.get_ptr_mut(&cookie)
 }
 
 /// What this socket has had acknowledged so far.
@@ -127,7 +127,8 @@ fn apply(ctx: &SockOpsContext, key: &SockKey) -> bool {
         // SAFETY: plain helper call.
         now: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
         acked: bytes_acked(ctx),
-        cookie: paced_sock(ctx),
+        // SAFETY: helper on the live sock_ops context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.ops.cast()) },
     };
     // `u64::MAX` for "not shaped", not an `Option`: LLVM copies the payload of a `None`
     // uninitialised, and the verifier refuses reading that register.
@@ -215,10 +216,10 @@ fn socket_rate(agg: u32, rate: u64, sample: &Sample) -> u64 {
     let credit = qos_credit_ns();
     let paced = paced_rate(rate, timeline, now, credit, qos_burst_ns());
     // Without its marks (the map refused the entry) a socket is paced unsplit.
-    let (Some(senders), Some(sock)) = (
-        QL_QOS_SENDERS.get_ptr_mut(agg),
-        QL_PACED.get_ptr_mut(&sample.cookie),
-    ) else {
+    let Some(senders) = QL_QOS_SENDERS.get_ptr_mut(agg) else {
+        return paced;
+    };
+    let Some(sock) = paced_sock(sample.cookie) else {
         return paced;
     };
     // SAFETY: a live LRU hash value; only this socket's callbacks touch its marks. The
