@@ -52,6 +52,7 @@ pub mod sockops {
         CONN_IDLE_SERVICE = 25: "conn_skipped_idle_service",
         CONN_DEMOTED_LARGE = 26: "conn_demoted_large_msgs",
         CONN_DEMOTED_LOOPBACK = 27: "conn_demoted_loopback_stream",
+        CONN_ADOPTED = 28: "conn_adopted",
     });
 }
 

@@ -62,6 +62,28 @@ pub const fn normalise_v6(words: [u32; 4]) -> (u32, [u32; 4]) {
     }
 }
 
+impl SockKey {
+    /// The key of an `AF_INET6` socket from its addresses as the kernel keeps them (four
+    /// network-order words each): v4-mapped addresses make an IPv4 key.
+    #[must_use]
+    pub const fn from_v6(
+        local: [u32; 4],
+        remote: [u32; 4],
+        local_port: u32,
+        remote_port: u32,
+    ) -> Self {
+        let (family, local_ip) = normalise_v6(local);
+        let (_, remote_ip) = normalise_v6(remote);
+        Self {
+            family,
+            local_ip,
+            remote_ip,
+            local_port,
+            remote_port,
+        }
+    }
+}
+
 /// Converts `remote_port` as read from `bpf_sock_ops`/`sk_msg_md` to host order.
 ///
 /// The kernel loads the big-endian `skc_dport` and, on little-endian hosts, shifts it into the

@@ -67,6 +67,7 @@ pub fn run(config_path: &Path, keep_datapath: bool) -> Result<(), AgentError> {
         attachments: datapath.report().to_vec(),
         rules: datapath.rules().cloned(),
         qos: datapath.qos().cloned(),
+        adoption: datapath.adoption().cloned(),
         kubernetes: source.as_ref().map(PodSource::status),
     };
     let state_path = run_dir.state();
@@ -116,6 +117,7 @@ pub fn run(config_path: &Path, keep_datapath: bool) -> Result<(), AgentError> {
                 attachments: datapath.report().to_vec(),
                 rules: datapath.rules().cloned(),
                 qos: datapath.qos().cloned(),
+                adoption: datapath.adoption().cloned(),
                 kubernetes: source.as_ref().map(PodSource::status),
                 ..state.clone()
             };

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::{qos::QosSummary, rules::RulesSummary, AttachmentReport},
+    datapath::{adopt::AdoptionSummary, qos::QosSummary, rules::RulesSummary, AttachmentReport},
     kubernetes::SourceStatus,
 };
 
@@ -20,6 +20,10 @@ pub struct AgentState {
     /// QoS policy in force (None: QoS disabled).
     #[serde(default)]
     pub qos: Option<QosSummary>,
+    /// Established sockets adopted into pacing when their pod became shaped (None: QoS
+    /// disabled).
+    #[serde(default)]
+    pub adoption: Option<AdoptionSummary>,
     /// The Kubernetes pod source (None: not enabled).
     #[serde(default)]
     pub kubernetes: Option<SourceStatus>,

@@ -19,6 +19,7 @@ use quicklane_common::{
 
 use crate::{
     datapath::{
+        adopt::AdoptionSummary,
         legacy, open_pinned_map, pinned_names,
         qos::{QosSummary, SENDERS_MAP},
         rules::RulesSummary,
@@ -65,6 +66,8 @@ pub struct QosStatus {
     pub pods: Vec<QosPodCounters>,
     /// The priority classes as the datapath sees them now, egress then ingress.
     pub classes: Vec<ClassNow>,
+    /// Sockets established before their pod was shaped, adopted into pacing.
+    pub adoption: Option<AdoptionSummary>,
 }
 
 /// One class in one direction: whether it competes for capacity now and what it sends (the
@@ -188,7 +191,10 @@ pub fn collect(pins: &PinDir, run: &RunDir) -> Result<Status, StatusError> {
         Vec::new()
     };
     let qos = match state.as_ref().and_then(|s| s.qos.clone()) {
-        Some(policy) => Some(qos_status(pins, policy)?),
+        Some(policy) => Some(QosStatus {
+            adoption: state.as_ref().and_then(|s| s.adoption.clone()),
+            ..qos_status(pins, policy)?
+        }),
         None => None,
     };
     Ok(Status {
@@ -249,6 +255,7 @@ fn qos_status(pins: &PinDir, policy: QosSummary) -> Result<QosStatus, StatusErro
         policy,
         pods,
         classes,
+        adoption: None,
     })
 }
 
@@ -506,6 +513,19 @@ impl QosStatus {
                 })
                 .collect();
             let _ = writeln!(s, "  classes {direction}: {}", classes.join(", "));
+        }
+        if let Some(a) = &self.adoption {
+            let _ = writeln!(
+                s,
+                "  existing sockets adopted into pacing: {} ({} paced already, {} refused{}) in {} passes, the last over {} network namespaces{}",
+                a.adopted,
+                a.already,
+                a.refused,
+                a.refusal.as_ref().map(|r| format!(": {r}")).unwrap_or_default(),
+                a.passes,
+                a.namespaces,
+                a.error.as_ref().map(|e| format!("; last pass failed: {e}")).unwrap_or_default(),
+            );
         }
     }
 }

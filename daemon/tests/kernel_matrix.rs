@@ -73,7 +73,14 @@ struct KnownGap {
     why: &'static str,
 }
 
-const KNOWN_GAPS: &[KnownGap] = &[];
+const KNOWN_GAPS: &[KnownGap] = &[KnownGap {
+    series: "6.1",
+    check: "qos adoption",
+    symptom: "TCP_BPF_SOCK_OPS_CB_FLAGS",
+    why:
+        "bpf_setsockopt(TCP_BPF_SOCK_OPS_CB_FLAGS) arrived in 6.12: connections that predate \
+          their pod's policy are paced from their next connection, held by the tc shaper until then",
+}];
 
 fn privileged(test: &str) -> bool {
     simnode::privileged_or_skip(test)
@@ -301,7 +308,6 @@ fn every_bpf_program_passes_the_verifier() {
 /// Loads every program of every object as the agent would, nothing attached: the verified
 /// instruction count, or the error with the verifier's log.
 fn load_each_program() -> Vec<(&'static str, Result<u32, String>)> {
-    use aya::programs::Program;
     let scratch = PinDir::new(format!("/sys/fs/bpf/ql-km-verify-{}", std::process::id()));
     std::fs::create_dir_all(scratch.maps()).unwrap();
     let config = Config::default();
@@ -316,20 +322,15 @@ fn load_each_program() -> Vec<(&'static str, Result<u32, String>)> {
         .unwrap();
         for &name in object.programs() {
             let program = ebpf.program_mut(name).unwrap();
-            let loaded = match program {
-                Program::SockOps(p) => p.load(),
-                Program::SkMsg(p) => p.load(),
-                Program::SchedClassifier(p) => p.load(),
-                Program::Xdp(p) => p.load(),
-                other => panic!("{name}: unexpected program type {:?}", other.prog_type()),
-            };
-            let result = loaded.map_err(|e| e.to_string()).map(|()| {
-                program
-                    .info()
-                    .ok()
-                    .and_then(|i| i.verified_instruction_count())
-                    .unwrap_or(0)
-            });
+            let result = datapath::load_program(program)
+                .map_err(|e| e.to_string())
+                .map(|()| {
+                    program
+                        .info()
+                        .ok()
+                        .and_then(|i| i.verified_instruction_count())
+                        .unwrap_or(0)
+                });
             out.push((name, result));
         }
     }
@@ -733,17 +734,19 @@ fn root_qdisc(node: &Node, ifname: &str) -> String {
 const BURST: usize = 30;
 const BURST_DUE: Duration = Duration::from_micros(30 * 1042);
 
+/// `[[qos.pods]]` for `pod` (its IPv4 address) with `annotations` (TOML key = value pairs).
+fn pod_entry(pod: &Pod, annotations: &str) -> String {
+    format!(
+        "[[qos.pods]]\nname = {:?}\ninterface = {:?}\naddresses = [\"{}\"]\nannotations = {{ {annotations} }}\n",
+        pod.name(),
+        pod.host_ifname(),
+        pod.ipv4()
+    )
+}
+
 /// Pods a (egress 8M), b (ingress 8M), c (no policy) and a two-queue veth `qlmq0`, which gets
 /// mq with one fq per queue.
 fn fq_mode_config(node: &Node, fq: bool) -> std::path::PathBuf {
-    let entry = |pod: &Pod, ann: &str| {
-        format!(
-            "[[qos.pods]]\nname = {:?}\ninterface = {:?}\naddresses = [\"{}\"]\nannotations = {{ {ann} }}\n",
-            pod.name(),
-            pod.host_ifname(),
-            pod.ipv4()
-        )
-    };
     let made = node
         .command("ip")
         .args(["link", "add", "qlmq0", "numtxqueues", "2", "type", "veth"])
@@ -759,9 +762,9 @@ fn fq_mode_config(node: &Node, fq: bool) -> std::path::PathBuf {
             // size / rate, while a credit lets an idle pod's first 10 ms leave at once.
             "enabled = false\n[qos]\nenabled = true\ncapacity = \"10G\"\ncredit_us = 0\nmode = \"{}\"\n{}{}{}{}",
             if fq { "fq" } else { "policer" },
-            entry(node.pod(0), "\"kubernetes.io/egress-bandwidth\" = \"8M\""),
-            entry(node.pod(1), "\"kubernetes.io/ingress-bandwidth\" = \"8M\""),
-            entry(node.pod(2), ""),
+            pod_entry(node.pod(0), "\"kubernetes.io/egress-bandwidth\" = \"8M\""),
+            pod_entry(node.pod(1), "\"kubernetes.io/ingress-bandwidth\" = \"8M\""),
+            pod_entry(node.pod(2), ""),
             "[[qos.pods]]\nname = \"mq\"\ninterface = \"qlmq0\"\n"
         ),
     )
@@ -921,6 +924,94 @@ fn check_policer_mode(run: &FqRun) {
             Some("no sch_fq: the ECN-first policer enforces the departure times"),
         );
     }
+}
+
+const ADOPT: &str =
+    "A TCP connection established before its pod's limit is paced once the limit appears (`ql_adopt` iterator)";
+
+/// A connection of pod a that predates a's limit: when the limit appears, the agent's
+/// adoption pass turns its sock_ops callbacks on and pacing updates follow.
+#[test]
+fn qos_adopts_connections_established_before_the_policy() {
+    if !privileged("qos adoption") {
+        return;
+    }
+    let node = Node::new(2).unwrap();
+    let (a, b) = (node.pod(0), node.pod(1));
+    let config = |annotations: &str| {
+        write_config(
+            &node,
+            &format!(
+                "enabled = false\n[qos]\nenabled = true\ncapacity = \"10G\"\nmode = \"policer\"\n{}{}",
+                pod_entry(a, annotations),
+                pod_entry(b, "")
+            ),
+        )
+    };
+    let path = config("");
+    let agent = match try_start(&node, &path) {
+        Ok(agent) => agent,
+        Err(log) => {
+            conclude(QOS, ADOPT, "qos adoption", Err(refusal(&log)));
+            return;
+        }
+    };
+    let mut server = b.command("iperf3");
+    server
+        .args(["-s", "-1", "-p", "7011"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _srv = b.spawn(&mut server).unwrap();
+    support::wait_tcp_listening(b, 7011, Duration::from_secs(30));
+    let mut client = a.command("iperf3");
+    client
+        .args([
+            "-c",
+            &b.ipv4().to_string(),
+            "-p",
+            "7011",
+            "-t",
+            "12",
+            "-b",
+            "4M",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut client = a.spawn(&mut client).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    config("\"kubernetes.io/egress-bandwidth\" = \"8M\"");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.proc.id().cast_signed()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let adoption = |s: &Value, key: &str| s["qos"]["adoption"][key].as_u64().unwrap_or(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut s = status(&node);
+    while adoption(&s, "passes") < 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        s = status(&node);
+    }
+    // Pacing updates come with the connection's next ACKs.
+    std::thread::sleep(Duration::from_secs(2));
+    let updates = counter(&status(&node), "sockops", "pacing_updates");
+    let _ = client.wait_timeout(Duration::from_secs(60));
+    agent.stop();
+    let (adopted, refused) = (adoption(&s, "adopted"), adoption(&s, "refused"));
+    let text = format!(
+        "{adopted} adopted, {refused} refused, {updates} pacing updates{}",
+        s["qos"]["adoption"]["refusal"]
+            .as_str()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
+    );
+    let result = if adopted >= 1 && refused == 0 && updates > 0 {
+        Ok(text)
+    } else {
+        Err(text)
+    };
+    conclude(QOS, ADOPT, "qos adoption", result);
+    node.teardown().unwrap();
 }
 
 const API_POD: &str =

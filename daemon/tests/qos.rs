@@ -10,8 +10,8 @@ use simnode::{Node, Pod, Proc};
 use support::{
     counter, eventually,
     iperf::{
-        assert_within, iperf, iperf_server, iperf_spawn, measured, one_at_a_time, udp_arrived_wire,
-        udp_rcvbuf_errors, Measured, MBIT,
+        assert_within, iperf, iperf_server, iperf_spawn, iperf_spawn_to, measured, one_at_a_time,
+        udp_arrived_wire, udp_rcvbuf_errors, Measured, MBIT,
     },
     map_len, qos_report, status, write_config, Agent,
 };
@@ -246,6 +246,7 @@ fn streams_from_two_pods_share_a_third_pods_ingress_limit() {
         retransmits: m.iter().map(|m| m.retransmits).sum(),
         bytes: m.iter().map(|m| m.bytes).sum(),
         intervals: Vec::new(),
+        sent: Vec::new(),
     };
     assert_tcp_at_limit("2 x 2 TCP into a 100M ingress limit", &total, 100.0 * MBIT);
     let (exit, log) = agent.stop();
@@ -467,6 +468,67 @@ fn a_bypassed_connection_is_held_to_a_limit_that_appears_live() {
         "{after:#}"
     );
     assert!(counter(&after, "tc", "qos_shaped_packets") > 0, "{after:#}");
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{log}");
+    node.teardown().unwrap();
+}
+
+/// A TCP stream that was established before its pod had a limit is adopted into pacing
+/// when the limit appears (the `ql_adopt` iterator turns its sock_ops callbacks on): from
+/// then on it runs at the limit without loss, as if it had connected under the policy.
+/// Without adoption the policer alone held it, by drops (it never negotiated ECN).
+#[test]
+fn a_stream_established_before_its_pods_limit_is_paced_to_it() {
+    if !privileged("qos adoption test") {
+        return;
+    }
+    let _serial = one_at_a_time();
+    let node = Node::new(2).unwrap();
+    let (a, b) = (node.pod(0), node.pod(1));
+    let keys = "capacity = \"10G\"";
+    // Bypass off (`extra` continues write_config's `[bypass]`): the stream takes TCP from
+    // its first byte, so only adoption can pace it.
+    let contents = |pods: &str| {
+        format!("enabled = false\n[qos]\nenabled = true\nmode = \"policer\"\n{keys}\n{pods}")
+    };
+    let config = write_config(
+        &node,
+        &contents(&format!("{}{}", pod_entry(a, &[]), pod_entry(b, &[]))),
+    );
+    let agent = Agent::start(&node, &config, false);
+    let _srv = iperf_server(b, 5601);
+    // Over IPv6: the iterator reads those addresses where the kernel's BTF says they are
+    // (the kernel matrix adopts an IPv4 connection).
+    let run = iperf_spawn_to(a, b.ipv6().into(), 5601, 9, &[]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let limited = format!(
+        "{}{}",
+        pod_entry(a, &[("kubernetes.io/egress-bandwidth", "100M")]),
+        pod_entry(b, &[])
+    );
+    support::reload_watching(&node, &agent, &contents(&limited), "/qos/generation");
+    let m = measured(&run.wait_with_output().unwrap());
+    let s = status(&node);
+    eprintln!("{m:?}\n{}", qos_report(&node));
+    let adoption = &s["qos"]["adoption"];
+    assert_eq!(adoption["refused"].as_u64(), Some(0), "{s:#}");
+    assert!(adoption["adopted"].as_u64() >= Some(1), "{s:#}");
+    assert!(counter(&s, "sockops", "conn_adopted") >= 1, "{s:#}");
+    assert!(counter(&s, "sockops", "pacing_updates") > 0, "{s:#}");
+    // The receiver reports half-seconds, the sender seconds; the limit came at 2.5 s.
+    let iv = &m.intervals;
+    assert!(iv.len() >= 18, "{iv:?}");
+    assert!(mean(&iv[..4]) > 1000.0 * MBIT, "unlimited before: {iv:?}");
+    assert_within("paced to the limit", mean(&iv[8..18]), 100.0 * MBIT, 0.05);
+    let (retransmits, bytes) = m.sent[4..9]
+        .iter()
+        .fold((0, 0), |(r, b), &(ri, bi)| (r + ri, b + bi));
+    assert!(
+        retransmits * 100 < (bytes / 1448).max(1),
+        "{retransmits} retransmits of ~{} segments once paced: {:?}",
+        bytes / 1448,
+        m.sent
+    );
     let (exit, log) = agent.stop();
     assert!(exit.success(), "{log}");
     node.teardown().unwrap();

@@ -1,6 +1,8 @@
 //! Loading quicklane's BPF objects, attaching what the config asks for, pinning it all under
 //! the pin directory, and re-adopting pins a previous agent left behind.
+pub mod adopt;
 mod attach;
+mod btf;
 mod fq;
 pub mod legacy;
 mod objects;
@@ -101,6 +103,9 @@ pub struct Datapath {
     /// What the datapath was started with: pods arriving later need its objects.
     config: Config,
     loaded: Loaded,
+    /// Shaped pod addresses whose existing sockets a pass has adopted into pacing.
+    adopted_for: BTreeSet<std::net::IpAddr>,
+    adoption: adopt::AdoptionSummary,
 }
 
 /// What keeps one attachment in place: a pinned bpf_link, or (kernels without that link kind)
@@ -167,6 +172,8 @@ impl Datapath {
             qos: None,
             config: config.clone(),
             loaded: Loaded::new(qos::bpf_config(&config.qos, enforcement)),
+            adopted_for: BTreeSet::new(),
+            adoption: adopt::AdoptionSummary::default(),
         };
         this.detach_unwanted(&wanted)?;
         if let Err(e) = this.apply_rules() {
@@ -201,7 +208,35 @@ impl Datapath {
             this.undo_partial_start();
             return Err(e);
         }
+        this.adopt_existing_sockets();
         Ok(this)
+    }
+
+    /// Once sock_ops is attached and a policy is written for addresses not shaped before:
+    /// their pods' established sockets start pacing too (see `adopt`).
+    fn adopt_existing_sockets(&mut self) {
+        let Some(qos) = &self.qos else {
+            return;
+        };
+        let shaped = qos.shaped_addresses();
+        let new = !shaped.is_subset(&self.adopted_for);
+        self.adopted_for = shaped;
+        if !new {
+            return;
+        }
+        match self.loaded.get(Object::Sockops, &self.config, &self.pins) {
+            Ok(ebpf) => adopt::run(ebpf, &mut self.adoption),
+            Err(e) => {
+                tracing::warn!("existing sockets of shaped pods not adopted into pacing: {e}");
+                self.adoption.passes += 1;
+                self.adoption.error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// What adopting existing sockets into pacing did (None: QoS disabled).
+    pub fn adoption(&self) -> Option<&adopt::AdoptionSummary> {
+        self.qos.as_ref().map(|_| &self.adoption)
     }
 
     /// Loads (and so pins) the objects holding `maps` if a previous agent did not leave them.
@@ -226,7 +261,9 @@ impl Datapath {
             Some(state) => state.reload(&self.pins, config)?,
             None => return Ok(()),
         }
-        self.sync_pod_interfaces()
+        self.sync_pod_interfaces()?;
+        self.adopt_existing_sockets();
+        Ok(())
     }
 
     /// The pod source's current view (see `qos::QosState::set_source_pods`). Bypassed
@@ -246,6 +283,7 @@ impl Datapath {
             let config = self.config.clone();
             self.reload_rules(&config)?;
         }
+        self.adopt_existing_sockets();
         Ok(())
     }
 
@@ -547,11 +585,13 @@ pub fn load(
     let mut loader = EbpfLoader::new();
     let maps_dir = pins.maps();
     loader.default_map_pin_directory(&maps_dir);
+    let adopt_config = adopt::config().unwrap_or_default();
     if object == Object::Sockops {
         loader
             .map_max_entries("QL_SOCKS", config.bypass.max_sockets)
             .map_max_entries("QL_META", config.bypass.max_sockets)
-            .override_global("QL_SOCKOPS_CONFIG", &sockops_config, true);
+            .override_global("QL_SOCKOPS_CONFIG", &sockops_config, true)
+            .override_global("QL_ADOPT_CONFIG", &adopt_config, true);
     }
     if object == Object::Tc {
         loader.override_global("QL_QOS_CONFIG", tc, true);
@@ -602,19 +642,7 @@ fn verify_objects(
                     object: object.name(),
                     program,
                 })?;
-            let loaded = |source| DatapathError::ProgramLoad { program, source };
-            match prog {
-                aya::programs::Program::SockOps(p) => p.load().map_err(loaded)?,
-                aya::programs::Program::SkMsg(p) => p.load().map_err(loaded)?,
-                aya::programs::Program::SchedClassifier(p) => p.load().map_err(loaded)?,
-                aya::programs::Program::Xdp(p) => p.load().map_err(loaded)?,
-                _ => {
-                    return Err(DatapathError::MissingProgram {
-                        object: object.name(),
-                        program,
-                    })
-                }
-            }
+            load_program(prog).map_err(|source| DatapathError::ProgramLoad { program, source })?;
             let instructions = prog
                 .info()
                 .ok()
@@ -627,6 +655,22 @@ fn verify_objects(
         }
     }
     Ok(out)
+}
+
+/// Loads one of our programs into the kernel, as the attach step would.
+pub fn load_program(
+    program: &mut aya::programs::Program,
+) -> Result<(), aya::programs::ProgramError> {
+    use aya::programs::{Program, ProgramError};
+    match program {
+        Program::SockOps(p) => p.load(),
+        Program::SkMsg(p) => p.load(),
+        Program::SchedClassifier(p) => p.load(),
+        Program::Xdp(p) => p.load(),
+        // Our one iterator walks TCP sockets.
+        Program::Iter(p) => p.load("tcp", &aya::Btf::from_sys_fs()?),
+        _ => Err(ProgramError::UnexpectedProgramType),
+    }
 }
 
 /// Opens a pinned map read-only for status and tests.

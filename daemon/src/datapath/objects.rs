@@ -45,7 +45,7 @@ impl Object {
     /// Every program in the object, by the name the kernel shows.
     pub fn programs(self) -> &'static [&'static str] {
         match self {
-            Self::Sockops => &["ql_sockops", "ql_sk_msg"],
+            Self::Sockops => &["ql_sockops", "ql_sk_msg", "ql_adopt"],
             Self::Tc => &["ql_tc_egress", "ql_tc_ingress"],
             Self::Xdp => &["ql_xdp"],
         }

@@ -50,6 +50,8 @@ pub struct Measured {
     pub bytes: u64,
     /// Per-second receiver rates, for preemption and stability checks.
     pub intervals: Vec<f64>,
+    /// The sender's retransmits and bytes sent, per second.
+    pub sent: Vec<(u64, u64)>,
 }
 
 /// Runs an iperf3 client in `from` against `to`'s server; `extra` adds e.g. `-C bbr` or
@@ -69,8 +71,19 @@ pub fn iperf_spawn(
     secs: u32,
     extra: &[&str],
 ) -> std::process::Child {
+    iperf_spawn_to(from, to.ipv4().into(), port, secs, extra)
+}
+
+/// `iperf_spawn` to one of the server pod's addresses.
+pub fn iperf_spawn_to(
+    from: &Pod,
+    to: std::net::IpAddr,
+    port: u16,
+    secs: u32,
+    extra: &[&str],
+) -> std::process::Child {
     from.command("iperf3")
-        .args(["-c", &to.ipv4().to_string(), "-p", &port.to_string()])
+        .args(["-c", &to.to_string(), "-p", &port.to_string()])
         .args(["-t", &secs.to_string(), "-J", "--get-server-output"])
         .args(extra)
         .stdout(Stdio::piped())
@@ -100,8 +113,23 @@ pub fn measured(out: &std::process::Output) -> Measured {
                 .collect()
         })
         .unwrap_or_default();
+    let sent = json["intervals"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| {
+                    let sum = &i["sum"];
+                    (
+                        sum["retransmits"].as_u64().unwrap_or(0),
+                        sum["bytes"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let received = &end["sum_received"];
     Measured {
+        sent,
         bits_per_sec: received["bits_per_second"].as_f64().unwrap(),
         retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
         bytes: received["bytes"].as_u64().unwrap(),

@@ -1,3 +1,4 @@
+mod adopt;
 mod charge;
 mod key;
 mod maps;

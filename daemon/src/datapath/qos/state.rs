@@ -170,6 +170,15 @@ impl QosState {
             .collect()
     }
 
+    /// The addresses of every pod with a policy: sockets with an end there are paced.
+    pub fn shaped_addresses(&self) -> BTreeSet<std::net::IpAddr> {
+        self.pods
+            .iter()
+            .filter(|p| p.config.managed())
+            .flat_map(|p| p.config.addresses.iter().copied())
+            .collect()
+    }
+
     /// Periodic: re-runs the allocator when a pod started or stopped sending.
     pub fn tick(&mut self, pins: &PinDir) -> Result<(), DatapathError> {
         let bytes = read_bytes(pins, self.pods.iter().map(|p| p.slot))?;
