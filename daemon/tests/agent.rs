@@ -49,6 +49,7 @@ fn every_bpf_program_passes_the_verifier() {
         [
             "ql_sockops",
             "ql_sk_msg",
+            "ql_adopt",
             "ql_tc_egress",
             "ql_tc_ingress",
             "ql_xdp"
