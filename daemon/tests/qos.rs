@@ -489,7 +489,7 @@ fn a_stream_established_before_its_pods_limit_is_paced_to_it() {
     // Bypass off (`extra` continues write_config's `[bypass]`): the stream takes TCP from
     // its first byte, so only adoption can pace it.
     let contents = |pods: &str| {
-        format!("enabled = false\n[qos]\nenabled = true\nmode = \"policer\"\n{keys}\n{pods}")
+        format!("enabled = false\n[qos]\nenabled = true\nmode = \"policer\"\nmax_paced_sockets = 4096\n{keys}\n{pods}")
     };
     let config = write_config(
         &node,
@@ -510,6 +510,7 @@ fn a_stream_established_before_its_pods_limit_is_paced_to_it() {
     let m = measured(&run.wait_with_output().unwrap());
     let s = status(&node);
     eprintln!("{m:?}\n{}", qos_report(&node));
+    assert_eq!(support::map_capacity(&node, "QL_PACED"), 4096);
     let adoption = &s["qos"]["adoption"];
     assert_eq!(adoption["refused"].as_u64(), Some(0), "{s:#}");
     assert!(adoption["adopted"].as_u64() >= Some(1), "{s:#}");

@@ -17,6 +17,10 @@ pub const DEFAULT_ACTIVE_WINDOW_MS: u32 = 10;
 /// its limit without any catch-up (the kernel's own pacing makes up half a packet's time);
 /// 10 ms lets it catch up such stalls while a 1 s rate stays within 1 %.
 pub const DEFAULT_CREDIT_US: u32 = 10_000;
+/// Paced sockets whose share of their pod's rate is tracked (`QL_PACED`, an LRU map): a
+/// socket evicted from it starts its measurement again, so it must hold every socket that
+/// sends at once. 120 bytes each with the map's overhead.
+pub const DEFAULT_MAX_PACED_SOCKETS: u32 = 65_536;
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -36,6 +40,8 @@ pub struct QosConfig {
     pub active_window_ms: u32,
     /// How far behind its rate a pod may fall and still catch up (0: never).
     pub credit_us: u32,
+    /// Capacity of `QL_PACED`.
+    pub max_paced_sockets: u32,
     pub pods: Vec<QosPodConfig>,
 }
 
@@ -99,6 +105,7 @@ impl Default for QosConfig {
             ce_threshold_us: DEFAULT_CE_THRESHOLD_US,
             active_window_ms: DEFAULT_ACTIVE_WINDOW_MS,
             credit_us: DEFAULT_CREDIT_US,
+            max_paced_sockets: DEFAULT_MAX_PACED_SOCKETS,
             pods: Vec::new(),
         }
     }
@@ -162,6 +169,7 @@ impl QosConfig {
             ("ce_threshold_us", self.ce_threshold_us, 1..=1_000_000),
             ("active_window_ms", self.active_window_ms, 1..=10_000),
             ("credit_us", self.credit_us, 0..=1_000_000),
+            ("max_paced_sockets", self.max_paced_sockets, 1..=16_777_216),
         ] {
             if !range.contains(&value) {
                 return Err(bad(
@@ -304,6 +312,11 @@ mod tests {
         let e = err(&format!("{NODE}credit_us = 2000000\n"));
         assert!(
             e.contains("`qos.credit_us`") && e.contains("0 to 1000000"),
+            "{e}"
+        );
+        let e = err(&format!("{NODE}max_paced_sockets = 0\n"));
+        assert!(
+            e.contains("`qos.max_paced_sockets` = 0") && e.contains("1 to 16777216"),
             "{e}"
         );
         let pod = |name: &str, ifname: &str, ann: &str| {

@@ -590,6 +590,7 @@ pub fn load(
         loader
             .map_max_entries("QL_SOCKS", config.bypass.max_sockets)
             .map_max_entries("QL_META", config.bypass.max_sockets)
+            .map_max_entries("QL_PACED", config.qos.max_paced_sockets)
             .override_global("QL_SOCKOPS_CONFIG", &sockops_config, true)
             .override_global("QL_ADOPT_CONFIG", &adopt_config, true);
     }

@@ -292,6 +292,15 @@ pub fn map_len(node: &Node, name: &str) -> usize {
     }
 }
 
+/// The capacity a pinned map was created with.
+pub fn map_capacity(node: &Node, name: &str) -> u32 {
+    aya::maps::MapData::from_pin(node.pin_dir().join("maps").join(name))
+        .unwrap()
+        .info()
+        .unwrap()
+        .max_entries()
+}
+
 /// Polls `cond` for up to 5 s: the kernel removes closed sockets and frees programs
 /// asynchronously.
 pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {

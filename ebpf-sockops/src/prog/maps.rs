@@ -84,6 +84,8 @@ pub static QL_QOS_SENDERS: Array<Senders> = Array::pinned(MAX_PODS * 2, 0);
 /// Socket cookie -> a paced socket's marks in the windows of `QL_QOS_SENDERS`. Removed when
 /// the socket closes; LRU so that a socket missed there (closed while the agent was down)
 /// cannot leak its entry.
+///
+/// Default capacity; `qos.max_paced_sockets` overrides it.
 #[map(name = "QL_PACED")]
 pub static QL_PACED: LruHashMap<u64, PacedSock> = LruHashMap::pinned(65_536, 0);
 
