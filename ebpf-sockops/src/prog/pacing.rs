@@ -88,8 +88,12 @@ pub fn refresh(ctx: &SockOpsContext, key: &SockKey) -> bool {
     false
 }
 
-/// Forgets a closing socket's marks.
+/// Forgets a closing socket's marks. Without QoS no socket has any: a node that runs only
+/// the bypass pays no hash delete per closing connection.
 pub fn forget(ctx: &SockOpsContext) {
+    if config_flags() & SOCKOPS_F_PACING == 0 {
+        return;
+    }
     // SAFETY: helper on the live sock_ops context.
     let _ = QL_PACED.remove(&unsafe { bpf_get_socket_cookie(ctx.ops.cast()) });
 }
