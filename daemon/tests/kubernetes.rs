@@ -297,6 +297,13 @@ fn api_pods_are_shaped_by_their_annotations_and_followed_live() {
         30.0 * MBIT,
         0.05,
     );
+    // Each time the API made a pod shaped (at start, batch/bad fixed, shop/web recreated),
+    // the agent looked for that pod's open connections to pace (see `adopt`).
+    let s = status(&node);
+    let adoption = &s["qos"]["adoption"];
+    assert!(adoption["passes"].as_u64() >= Some(3), "{s:#}");
+    assert!(adoption["error"].is_null(), "{s:#}");
+    assert_eq!(adoption["refused"].as_u64(), Some(0), "{s:#}");
     let (code, log) = agent.stop();
     assert!(code.success(), "{log}");
 }
