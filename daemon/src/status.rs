@@ -191,10 +191,11 @@ pub fn collect(pins: &PinDir, run: &RunDir) -> Result<Status, StatusError> {
         Vec::new()
     };
     let qos = match state.as_ref().and_then(|s| s.qos.clone()) {
-        Some(policy) => Some(QosStatus {
-            adoption: state.as_ref().and_then(|s| s.adoption.clone()),
-            ..qos_status(pins, policy)?
-        }),
+        Some(policy) => Some(qos_status(
+            pins,
+            policy,
+            state.as_ref().and_then(|s| s.adoption.clone()),
+        )?),
         None => None,
     };
     Ok(Status {
@@ -214,7 +215,11 @@ pub fn collect(pins: &PinDir, run: &RunDir) -> Result<Status, StatusError> {
     })
 }
 
-fn qos_status(pins: &PinDir, policy: QosSummary) -> Result<QosStatus, StatusError> {
+fn qos_status(
+    pins: &PinDir,
+    policy: QosSummary,
+    adoption: Option<AdoptionSummary>,
+) -> Result<QosStatus, StatusError> {
     let map_name = crate::datapath::qos::STATS_MAP;
     let err = |e: &dyn std::fmt::Display| counters_error(map_name, e);
     let stats: PerCpuArray<MapData, QosStats> = open_typed(pins, map_name, Map::PerCpuArray)?;
@@ -255,7 +260,7 @@ fn qos_status(pins: &PinDir, policy: QosSummary) -> Result<QosStatus, StatusErro
         policy,
         pods,
         classes,
-        adoption: None,
+        adoption,
     })
 }
 
