@@ -180,6 +180,23 @@ fn summary(results: &Results, out: &Path, written: &[PathBuf]) -> String {
             crate::report::markdown::num(r.target),
         );
     }
+    if !results.references.is_empty() {
+        let _ = writeln!(s, "references (AF_UNIX / TCP baseline; not targets):");
+    }
+    for r in &results.references {
+        let _ = writeln!(
+            s,
+            "  {:<4} {:<40} {:>7} {:>8}x    (the target {} {} is {}reachable by AF_UNIX)",
+            "ref",
+            r.metric,
+            r.msg_size
+                .map_or_else(String::new, crate::results::size_label),
+            crate::report::markdown::num(r.value),
+            r.better.symbol(),
+            crate::report::markdown::num(r.target),
+            if r.met { "" } else { "not " },
+        );
+    }
     for note in &results.notes {
         let _ = writeln!(s, "  note: {note}");
     }

@@ -45,10 +45,10 @@ pub enum Error {
         source: io::Error,
     },
 
-    #[error("{what} was not listening on port {port} after {:.0} s; see {log}", .after.as_secs_f64())]
+    #[error("{what} was not listening on {at} after {:.0} s; see {log}", .after.as_secs_f64())]
     NotListening {
         what: String,
-        port: u16,
+        at: String,
         after: Duration,
         log: String,
     },

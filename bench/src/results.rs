@@ -20,7 +20,7 @@ use crate::stats::Summary;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// The agent not running: plain kernel TCP.
+    /// The agent not running: plain kernel sockets.
     Baseline,
     /// The agent running with the scenario's datapath attached.
     Accelerated,
@@ -200,6 +200,10 @@ pub struct Results {
     pub wall_seconds: f64,
     pub results: Vec<Figure>,
     pub ratios: Vec<Ratio>,
+    /// Bounds, not targets: what a path the agent does not touch reaches against the same
+    /// baseline (bypass: AF_UNIX / TCP), judged against the target of the metric it bounds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<Ratio>,
     #[serde(default)]
     pub agent: Vec<AgentBlock>,
     /// Things a reader of the numbers should know (e.g. an accelerated block that redirected

@@ -53,20 +53,51 @@ impl Place<'_> {
         })
     }
 
-    /// Whether something in this place's namespace listens on TCP `port`.
-    fn listening(&self, port: u16) -> Result<bool, Error> {
+    /// Whether something in this place's namespace listens there.
+    fn listening(&self, at: Listen<'_>) -> Result<bool, Error> {
         let read = || {
             // thread-self: /proc/net follows the thread group leader, not this thread.
-            ["tcp", "tcp6"].iter().any(|file| {
-                std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
-                    .is_ok_and(|text| listens(&text, port))
-            })
+            let table =
+                |file: &str| std::fs::read_to_string(format!("/proc/thread-self/net/{file}"));
+            match at {
+                Listen::Port(port) => ["tcp", "tcp6"]
+                    .iter()
+                    .any(|file| table(file).is_ok_and(|text| listens(&text, port))),
+                Listen::Unix(path) => table("unix").is_ok_and(|text| listens_unix(&text, path)),
+            }
         };
         Ok(match self {
             Self::Pod(pod) => pod.in_netns(read)?,
             Self::Outside(node, _) => node.in_netns(read)?,
         })
     }
+}
+
+/// Where a started server is waited for.
+#[derive(Debug, Clone, Copy)]
+pub enum Listen<'a> {
+    /// A TCP listener on this port.
+    Port(u16),
+    /// An AF_UNIX stream listener bound to this path.
+    Unix(&'a Path),
+}
+
+impl std::fmt::Display for Listen<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Port(port) => write!(f, "port {port}"),
+            Self::Unix(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// Whether a /proc/net/unix table has a listening socket (flag __SO_ACCEPTCON) bound to `path`.
+fn listens_unix(table: &str, path: &Path) -> bool {
+    const ACCEPTCON: &str = "00010000";
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 7 && fields[3] == ACCEPTCON && Path::new(fields[7]) == path
+    })
 }
 
 /// Whether a /proc/net/tcp{,6} table has a socket in LISTEN (state 0A) on `port`.
@@ -227,18 +258,18 @@ impl Recorder {
     }
 
     /// Starts a server whose output is a measurement (it exits by itself and reports), waits
-    /// until it listens on `port`, and records it like [`Recorder::run`]; collect it with
+    /// until it listens `at`, and records it like [`Recorder::run`]; collect it with
     /// [`Running::wait`].
     pub fn measured_server(
         &mut self,
         place: Place<'_>,
         program: &OsStr,
         args: &[String],
-        port: u16,
+        at: Listen<'_>,
         rep_mode: (Option<usize>, Mode),
     ) -> Result<Running, Error> {
         let mut running = self.start(place, program, args, rep_mode)?;
-        while !place.listening(port)? {
+        while !place.listening(at)? {
             interrupt::check()?;
             let exited = running
                 .proc
@@ -248,7 +279,7 @@ impl Recorder {
             if exited.is_some() || running.started.elapsed() > START_TIMEOUT {
                 return Err(Error::NotListening {
                     what: format!("`{}` in {}", running.command, running.place),
-                    port,
+                    at: at.to_string(),
                     after: running.started.elapsed(),
                     log: running.rel.clone(),
                 });
@@ -258,14 +289,14 @@ impl Recorder {
         Ok(running)
     }
 
-    /// Starts a long-lived server in `place` and waits until it listens on `port`. Its output
+    /// Starts a long-lived server in `place` and waits until it listens `at`. Its output
     /// goes to `raw/NNNN-label.log`.
     pub fn server(
         &mut self,
         place: Place<'_>,
         program: &OsStr,
         args: &[String],
-        port: u16,
+        at: Listen<'_>,
         label: &str,
     ) -> Result<Proc, Error> {
         let (rel, log) = self.next(label, "log");
@@ -275,7 +306,7 @@ impl Recorder {
             .map_err(|e| Error::io(format!("duplicating {}", log.display()), e))?;
         let mut proc = place.spawn(program, args, out, err)?;
         let started = Instant::now();
-        while !place.listening(port)? {
+        while !place.listening(at)? {
             interrupt::check()?;
             let exited = proc
                 .child_mut()
@@ -284,7 +315,7 @@ impl Recorder {
             if exited.is_some() || started.elapsed() > START_TIMEOUT {
                 return Err(Error::NotListening {
                     what: format!("{label} in {}", place.name()),
-                    port,
+                    at: at.to_string(),
                     after: started.elapsed(),
                     log: rel,
                 });
@@ -575,6 +606,20 @@ mod tests {
         assert!(listens(table, 0x2B67));
         assert!(!listens(table, 0x1389), "established, not listening");
         assert!(!listens(table, 80));
+    }
+
+    #[test]
+    fn unix_listen_table() {
+        let table = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+                     0000000043bc6529: 00000002 00000000 00010000 0001 01 117 /run/q/rr.sock\n\
+                     0000000007c706db: 00000003 00000000 00000000 0001 03 118 /run/q/st.sock\n\
+                     0000000007c706dc: 00000003 00000000 00000000 0001 03 119\n";
+        assert!(listens_unix(table, Path::new("/run/q/rr.sock")));
+        assert!(
+            !listens_unix(table, Path::new("/run/q/st.sock")),
+            "connected, not listening"
+        );
+        assert!(!listens_unix(table, Path::new("/run/q")));
     }
 
     #[test]

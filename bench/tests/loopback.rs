@@ -12,7 +12,9 @@ use quicklane_bench::load::cli::{run_with_output, LoadgenArgs};
 use quicklane_bench::load::client::{self, ClientOptions};
 use quicklane_bench::load::report::{ServerConnReport, ServerReport};
 use quicklane_bench::load::server::{Server, ServerOptions, Service};
-use quicklane_bench::load::{parse_listening, parse_report, Error, Mode, Report, SizeRange};
+use quicklane_bench::load::{
+    parse_listening, parse_report, Endpoint, Error, Mode, Report, SizeRange,
+};
 
 const V4: &str = "127.0.0.1:0";
 const V6: &str = "[::1]:0";
@@ -22,7 +24,7 @@ fn start_server(
     service: Service,
     duration: Duration,
     max_conns: Option<u64>,
-) -> (SocketAddr, JoinHandle<Result<ServerReport, Error>>) {
+) -> (Endpoint, JoinHandle<Result<ServerReport, Error>>) {
     start_server_with(listen, service, duration, max_conns, None)
 }
 
@@ -32,7 +34,7 @@ fn start_server_with(
     duration: Duration,
     max_conns: Option<u64>,
     timeline_buckets: Option<usize>,
-) -> (SocketAddr, JoinHandle<Result<ServerReport, Error>>) {
+) -> (Endpoint, JoinHandle<Result<ServerReport, Error>>) {
     let server = Server::bind(ServerOptions {
         listen: listen.parse().unwrap(),
         service,
@@ -42,12 +44,15 @@ fn start_server_with(
         timeline_buckets,
     })
     .unwrap();
-    (server.local_addr(), thread::spawn(move || server.run()))
+    (
+        server.local_addr().clone(),
+        thread::spawn(move || server.run()),
+    )
 }
 
-fn client_opts(peer: SocketAddr, conns: u32, duration_ms: u64) -> ClientOptions {
+fn client_opts(peer: &Endpoint, conns: u32, duration_ms: u64) -> ClientOptions {
     ClientOptions {
-        peer,
+        peer: peer.clone(),
         conns,
         duration: Duration::from_millis(duration_ms),
         nodelay: true,
@@ -56,11 +61,11 @@ fn client_opts(peer: SocketAddr, conns: u32, duration_ms: u64) -> ClientOptions 
     }
 }
 
-fn server_conn(server: &ServerReport, peer: SocketAddr) -> &ServerConnReport {
+fn server_conn<'a>(server: &'a ServerReport, peer: &Endpoint) -> &'a ServerConnReport {
     server
         .connections
         .iter()
-        .find(|c| c.peer == peer)
+        .find(|c| c.peer == *peer)
         .unwrap_or_else(|| panic!("server never saw {peer}: {server:?}"))
 }
 
@@ -74,7 +79,7 @@ fn stream_with_random_sizes_matches_on_both_ends(listen: &str) {
         Some(conns.into()),
     );
     let report = client::stream(
-        &client_opts(addr, conns, 400),
+        &client_opts(&addr, conns, 400),
         SizeRange {
             min: 1,
             max: 1 << 20,
@@ -97,7 +102,7 @@ fn stream_with_random_sizes_matches_on_both_ends(listen: &str) {
             (conn.server_checksum, conn.server_bytes),
             (conn.checksum, conn.bytes)
         );
-        let seen = server_conn(&server, conn.local);
+        let seen = server_conn(&server, &conn.local);
         assert_eq!(seen.error, None);
         assert_eq!(
             (seen.checksum, seen.bytes),
@@ -170,7 +175,7 @@ fn checksum_mismatch_fails_the_run_after_printing_the_report() {
     server.join().unwrap();
 
     assert!(
-        matches!(err, Error::ChecksumMismatch { mismatched: 1, conns: 1, peer } if peer == addr),
+        matches!(err, Error::ChecksumMismatch { mismatched: 1, conns: 1, ref peer } if *peer == addr.into()),
         "{err}"
     );
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
@@ -192,7 +197,7 @@ fn rr_latencies_are_sane(listen: &str, msg_size: usize) {
         Duration::from_secs(20),
         Some(2),
     );
-    let report = client::rr(&client_opts(addr, 2, 300), msg_size).unwrap();
+    let report = client::rr(&client_opts(&addr, 2, 300), msg_size).unwrap();
     let server = server.join().unwrap().unwrap();
 
     assert_eq!(report.mismatches, 0);
@@ -238,7 +243,7 @@ fn connect_rate(listen: &str, hello: bool) {
         Duration::from_secs(1),
         None,
     );
-    let report = client::connect(&client_opts(addr, 2, 300), 200_000, hello).unwrap();
+    let report = client::connect(&client_opts(&addr, 2, 300), 200_000, hello).unwrap();
     let server = server.join().unwrap().unwrap();
 
     assert!(
@@ -280,7 +285,7 @@ fn a_hello_nobody_answers_is_an_error() {
         Duration::from_secs(1),
         None,
     );
-    let err = client::connect(&client_opts(addr, 1, 300), 10, true).unwrap_err();
+    let err = client::connect(&client_opts(&addr, 1, 300), 10, true).unwrap_err();
     assert!(err.to_string().contains("exchanging a hello with"), "{err}");
     server.join().unwrap().unwrap();
 }
@@ -294,7 +299,7 @@ fn connect_mode_stops_at_max_connects() {
         None,
     );
     let started = Instant::now();
-    let report = client::connect(&client_opts(addr, 3, 20_000), 50, false).unwrap();
+    let report = client::connect(&client_opts(&addr, 3, 20_000), 50, false).unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(report.connects + report.errors, 50, "{report:?}");
     server.join().unwrap().unwrap();
@@ -420,7 +425,7 @@ fn cli_server_and_client_talk_through_json_lines() {
     assert_eq!(client.bytes, server.bytes);
     for conn in &client.connections {
         assert_eq!(
-            server_conn(&server, conn.local).checksum,
+            server_conn(&server, &conn.local).checksum,
             Some(conn.checksum)
         );
     }
@@ -444,7 +449,7 @@ fn client_waits_for_a_late_server() {
     let server = thread::spawn(move || {
         thread::sleep(Duration::from_millis(300));
         Server::bind(ServerOptions {
-            listen: addr,
+            listen: addr.into(),
             service: Service::Rr { msg_size: 8 },
             duration: Duration::from_secs(10),
             max_conns: Some(1),
@@ -454,7 +459,7 @@ fn client_waits_for_a_late_server() {
         .unwrap()
         .run()
     });
-    let report = client::rr(&client_opts(addr, 1, 200), 8).unwrap();
+    let report = client::rr(&client_opts(&addr.into(), 1, 200), 8).unwrap();
     assert!(report.transactions > 0);
     assert_eq!(server.join().unwrap().unwrap().conns, 1);
 }
@@ -468,18 +473,19 @@ fn stream_timelines_account_for_every_byte_on_one_time_axis() {
         Some(2),
         Some(10_000),
     );
-    let first = thread::spawn(move || {
-        client::stream(&client_opts(addr, 1, 300), SizeRange::fixed(65536)).unwrap()
+    let first = thread::spawn({
+        let addr = addr.clone();
+        move || client::stream(&client_opts(&addr, 1, 300), SizeRange::fixed(65536)).unwrap()
     });
     // The second connection starts later, so its series must start later on the shared axis.
     thread::sleep(Duration::from_millis(150));
-    let second = client::stream(&client_opts(addr, 1, 100), SizeRange::fixed(65536)).unwrap();
+    let second = client::stream(&client_opts(&addr, 1, 100), SizeRange::fixed(65536)).unwrap();
     let first = first.join().unwrap();
     let server = server.join().unwrap().unwrap();
     let mut starts = Vec::new();
     for report in [&first, &second] {
         let conn = &report.connections[0];
-        let seen = server_conn(&server, conn.local);
+        let seen = server_conn(&server, &conn.local);
         let t = seen
             .timeline
             .as_ref()
@@ -499,4 +505,86 @@ fn stream_timelines_account_for_every_byte_on_one_time_axis() {
         starts[1] >= starts[0] + 100,
         "the later connection starts later: {starts:?}"
     );
+}
+
+/// A socket path of its own per test, in a directory removed at the end.
+struct UnixDir(std::path::PathBuf);
+
+impl UnixDir {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ql-lg-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::Unix(self.0.join("s.sock"))
+    }
+}
+
+impl Drop for UnixDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn unix_sockets_carry_streams_and_ping_pong_and_leave_no_file() {
+    let dir = UnixDir::new("serve");
+    let at = dir.endpoint().to_string();
+    let (addr, server) = start_server(&at, Service::Stream, Duration::from_secs(20), Some(1));
+    assert_eq!(addr, dir.endpoint());
+    let report = client::stream(
+        &client_opts(&addr, 1, 300),
+        SizeRange {
+            min: 1,
+            max: 1 << 20,
+        },
+    )
+    .unwrap();
+    let server = server.join().unwrap().unwrap();
+    assert!(report.checksum_ok, "{report:?}");
+    assert_eq!((server.bytes, server.conns), (report.bytes, 1));
+    assert_eq!(
+        server.connections[0].checksum,
+        Some(report.connections[0].checksum)
+    );
+    assert!(
+        !dir.0.join("s.sock").exists(),
+        "the stream server left its socket file"
+    );
+
+    let (addr, server) = start_server(
+        &at,
+        Service::Rr { msg_size: 64 },
+        Duration::from_secs(20),
+        Some(1),
+    );
+    let report = client::rr(&client_opts(&addr, 1, 200), 64).unwrap();
+    let server = server.join().unwrap().unwrap();
+    assert!(report.transactions > 100, "{report:?}");
+    assert_eq!(report.mismatches, 0);
+    assert_eq!(
+        server.connections[0].transactions,
+        Some(report.transactions)
+    );
+    assert!(report.p50_us > 0.0 && report.p99_us >= report.p50_us);
+}
+
+#[test]
+fn connect_mode_over_a_unix_socket_is_refused_on_both_ends() {
+    let dir = UnixDir::new("connect");
+    let at = dir.endpoint().to_string();
+    for side in [
+        vec!["loadgen", "server", "--listen", &at, "--mode", "connect"],
+        vec!["loadgen", "client", "--connect", &at, "--mode", "connect"],
+    ] {
+        let args = LoadgenArgs::try_parse_from(&side).unwrap();
+        let err = run_with_output(args, &mut Vec::new()).unwrap_err();
+        assert!(
+            matches!(err, Error::Usage(m) if m.contains("ADDR:PORT")),
+            "{side:?}"
+        );
+    }
+    assert!(!dir.0.join("s.sock").exists());
 }

@@ -128,11 +128,12 @@ fn check_results(json: &Value, dir: &Path) {
             }
         }
     }
+    let unix_figures = check_references(json, &has);
 
     let ratios = json["ratios"].as_array().expect("ratios array");
     assert_eq!(
         ratios.len() * 2,
-        results.len(),
+        results.len() - unix_figures,
         "one ratio per pair of figures"
     );
     for r in ratios {
@@ -164,6 +165,45 @@ fn check_results(json: &Value, dir: &Path) {
             "the accelerated block redirected nothing: {b}"
         );
     }
+}
+
+/// The AF_UNIX reference: measured without the agent only, one reference ratio per figure.
+/// Returns how many AF_UNIX figures there are.
+fn check_references(json: &Value, has: &dyn Fn(&str, Option<u64>, &str) -> bool) -> usize {
+    let unix = ["loadgen.rr_p50.unix", "loadgen.rr_p99.unix"];
+    for metric in unix {
+        assert!(has(metric, Some(64), "baseline"), "no {metric}");
+        assert!(
+            !has(metric, Some(64), "accelerated"),
+            "{metric} with the agent"
+        );
+    }
+    let unix_figures = json["results"]
+        .as_array()
+        .expect("results array")
+        .iter()
+        .filter(|r| unix.iter().any(|m| r["metric"] == *m))
+        .count();
+    assert_eq!(unix_figures, unix.len());
+    let references = json["references"].as_array().expect("references array");
+    assert_eq!(
+        references.len(),
+        unix_figures,
+        "one reference per AF_UNIX figure"
+    );
+    for r in references {
+        let metric = r["metric"].as_str().expect("metric");
+        assert!(unix.contains(&metric), "{r}");
+        assert_eq!(
+            r["compares"],
+            "AF_UNIX / TCP baseline, both without the agent"
+        );
+        positive(&r["value"], metric);
+        positive(&r["target"], metric);
+        assert!(r["met"].is_boolean(), "{r}");
+        assert_eq!(r["samples"].as_array().map(Vec::len), Some(2), "{r}");
+    }
+    unix_figures
 }
 
 fn check_svg(path: &Path) {
@@ -228,6 +268,10 @@ fn quick_bypass_run_writes_a_complete_report() {
         "{report}"
     );
     assert!(report.contains("![latency](latency.svg)"), "{report}");
+    assert!(
+        report.contains("## Reference: AF_UNIX / TCP, without the agent"),
+        "{report}"
+    );
 
     // A run compared with itself has not regressed.
     let same = bench(&[

@@ -1,7 +1,6 @@
 //! `quicklane loadgen ...`: arguments, and the JSON lines written to stdout.
 
 use std::io::{self, Write};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -10,7 +9,7 @@ use serde::Serialize;
 use super::client::{self, ClientOptions};
 use super::report::{Event, Report};
 use super::server::{Server, ServerOptions, Service};
-use super::{parse_msg_size, timeline, Error, Mode, SizeRange};
+use super::{parse_msg_size, timeline, Endpoint, Error, Mode, SizeRange};
 
 /// quicklane's TCP load generator; prints JSON lines on stdout.
 #[derive(Debug, Parser)]
@@ -30,9 +29,10 @@ pub enum LoadgenCommand {
 
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// Address to listen on, e.g. `0.0.0.0:5001` or `[::]:5001`; port 0 picks a free port.
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub listen: SocketAddr,
+    /// Address to listen on, e.g. `0.0.0.0:5001` or `[::]:5001` (port 0 picks a free port),
+    /// or `unix:PATH` for an AF_UNIX stream socket (stream and rr modes).
+    #[arg(long, value_name = "ADDR:PORT|unix:PATH", value_parser = Endpoint::parse_named)]
+    pub listen: Endpoint,
 
     #[arg(long, value_enum, default_value_t = Mode::Stream)]
     pub mode: Mode,
@@ -74,9 +74,10 @@ pub struct ServerArgs {
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// Server address, e.g. `10.77.1.2:5001` or `[::1]:5001`.
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub connect: SocketAddr,
+    /// Server address, e.g. `10.77.1.2:5001` or `[::1]:5001`, or `unix:PATH` (stream and rr
+    /// modes).
+    #[arg(long, value_name = "ADDR:PORT|unix:PATH", value_parser = Endpoint::parse_named)]
+    pub connect: Endpoint,
 
     #[arg(long, value_enum)]
     pub mode: Mode,
@@ -153,7 +154,7 @@ fn serve(args: &ServerArgs, out: &mut impl Write) -> Result<(), Error> {
         return Err(Error::Usage("--timeline-buckets needs --mode stream"));
     }
     let server = Server::bind(ServerOptions {
-        listen: args.listen,
+        listen: args.listen.clone(),
         service,
         duration: args.duration,
         max_conns: args.max_conns,
@@ -163,7 +164,7 @@ fn serve(args: &ServerArgs, out: &mut impl Write) -> Result<(), Error> {
     emit(
         out,
         &Event::Listening {
-            addr: server.local_addr(),
+            addr: server.local_addr().clone(),
         },
     )?;
     emit(out, &Report::Server(server.run()?))
@@ -171,7 +172,7 @@ fn serve(args: &ServerArgs, out: &mut impl Write) -> Result<(), Error> {
 
 fn drive(args: &ClientArgs, out: &mut impl Write) -> Result<(), Error> {
     let opts = ClientOptions {
-        peer: args.connect,
+        peer: args.connect.clone(),
         conns: args.conns,
         duration: args.duration,
         nodelay: !args.no_nodelay,
@@ -191,7 +192,7 @@ fn drive(args: &ClientArgs, out: &mut impl Write) -> Result<(), Error> {
             emit(out, &Report::Stream(report))?;
             if mismatched > 0 {
                 return Err(Error::ChecksumMismatch {
-                    peer: opts.peer,
+                    peer: opts.peer.clone(),
                     mismatched,
                     conns: opts.conns as usize,
                 });
@@ -212,7 +213,7 @@ fn drive(args: &ClientArgs, out: &mut impl Write) -> Result<(), Error> {
             emit(out, &Report::Rr(report))?;
             if mismatches > 0 {
                 return Err(Error::ResponseMismatch {
-                    peer: opts.peer,
+                    peer: opts.peer.clone(),
                     mismatches,
                     transactions,
                 });

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use super::checksum::{Checksum, Digest};
+use super::conn::{Conn, Endpoint};
 use super::prng::SplitMix64;
 use super::report::{per_second, ConnectReport, RrReport, StreamConnReport, StreamReport};
 use super::{Error, SizeRange};
@@ -30,7 +31,7 @@ const POOL_SLACK: usize = 4096;
 
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    pub peer: SocketAddr,
+    pub peer: Endpoint,
     /// Parallel connections (stream, rr) or connect loops (connect).
     pub conns: u32,
     pub duration: Duration,
@@ -49,7 +50,7 @@ pub fn stream(opts: &ClientOptions, sizes: SizeRange) -> Result<StreamReport, Er
     let bytes = connections.iter().map(|c| c.bytes).sum();
     let elapsed_s = connections.iter().map(|c| c.elapsed_s).fold(0.0, f64::max);
     Ok(StreamReport {
-        peer: opts.peer,
+        peer: opts.peer.clone(),
         conns: opts.conns,
         msg_size: sizes,
         nodelay: opts.nodelay,
@@ -70,9 +71,9 @@ fn stream_conn(
     sizes: SizeRange,
     seed: u64,
 ) -> Result<StreamConnReport, Error> {
-    let peer = opts.peer;
+    let peer = &opts.peer;
     let mut stream = open(opts)?;
-    let local = stream.local_addr().map_err(io_err(
+    let local = stream.local().map_err(io_err(
         "reading the local address of the connection to",
         peer,
     ))?;
@@ -138,7 +139,7 @@ pub fn rr(opts: &ClientOptions, msg_size: usize) -> Result<RrReport, Error> {
         .map(|w| w.elapsed.as_secs_f64())
         .fold(0.0, f64::max);
     Ok(RrReport {
-        peer: opts.peer,
+        peer: opts.peer.clone(),
         conns: opts.conns,
         msg_size,
         nodelay: opts.nodelay,
@@ -166,7 +167,7 @@ struct RrConn {
 }
 
 fn rr_conn(opts: &ClientOptions, msg_size: usize, seed: u64) -> Result<RrConn, Error> {
-    let peer = opts.peer;
+    let peer = &opts.peer;
     let mut stream = open(opts)?;
     let mut request = vec![0; msg_size];
     SplitMix64::new(seed).fill(&mut request);
@@ -210,11 +211,7 @@ fn rr_conn(opts: &ClientOptions, msg_size: usize, seed: u64) -> Result<RrConn, E
 /// *blocking* reader that was woken by a segment on the normal TCP path (a FIN, or a message
 /// that was not redirected) while its redirect queue was empty. Applications that treat that
 /// as an error break; we retry and count, so the effect stays visible in the report.
-fn read_exact_retrying(
-    stream: &mut TcpStream,
-    buf: &mut [u8],
-    spurious: &mut u64,
-) -> io::Result<()> {
+fn read_exact_retrying(stream: &mut Conn, buf: &mut [u8], spurious: &mut u64) -> io::Result<()> {
     let mut filled = 0;
     let mut deadline = Instant::now() + IO_TIMEOUT;
     while filled < buf.len() {
@@ -241,10 +238,17 @@ pub fn connect(
     max_connects: u64,
     hello: bool,
 ) -> Result<ConnectReport, Error> {
+    let Some(peer) = opts.peer.tcp() else {
+        return Err(Error::Usage(
+            "connect mode measures TCP connection setup: it needs an ADDR:PORT",
+        ));
+    };
     // Wait for the server here, outside the measured window, the way the other modes do.
-    let first = connect_with_retry(opts.peer, opts.connect_retry)?;
+    let Conn::Tcp(first) = connect_with_retry(&opts.peer, opts.connect_retry)? else {
+        unreachable!("a TCP peer gives a TCP connection");
+    };
     if hello {
-        say_hello(&first).map_err(io_err("exchanging a hello with", opts.peer))?;
+        say_hello(&first).map_err(io_err("exchanging a hello with", &opts.peer))?;
     }
     reset_on_close(&first);
     let attempts = AtomicU64::new(0);
@@ -252,7 +256,7 @@ pub fn connect(
     let deadline = start + opts.duration;
     let workers: Vec<ConnectWorker> = thread::scope(|s| {
         let handles: Vec<_> = (0..opts.conns)
-            .map(|_| s.spawn(|| connect_loop(opts.peer, deadline, &attempts, max_connects, hello)))
+            .map(|_| s.spawn(|| connect_loop(peer, deadline, &attempts, max_connects, hello)))
             .collect();
         handles.into_iter().map(join).collect()
     });
@@ -264,7 +268,7 @@ pub fn connect(
             .expect("histograms share their bounds");
     }
     Ok(ConnectReport {
-        peer: opts.peer,
+        peer: opts.peer.clone(),
         threads: opts.conns,
         elapsed_s,
         connects: latency.len(),
@@ -381,25 +385,25 @@ fn join<T>(handle: ScopedJoinHandle<'_, T>) -> T {
     handle.join().unwrap_or_else(|p| panic::resume_unwind(p))
 }
 
-fn open(opts: &ClientOptions) -> Result<TcpStream, Error> {
-    let stream = connect_with_retry(opts.peer, opts.connect_retry)?;
-    let configure = |stream: &TcpStream| {
+fn open(opts: &ClientOptions) -> Result<Conn, Error> {
+    let stream = connect_with_retry(&opts.peer, opts.connect_retry)?;
+    let configure = |stream: &Conn| {
         stream.set_nodelay(opts.nodelay)?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))
     };
-    configure(&stream).map_err(io_err("configuring the connection to", opts.peer))?;
+    configure(&stream).map_err(io_err("configuring the connection to", &opts.peer))?;
     Ok(stream)
 }
 
-fn connect_with_retry(peer: SocketAddr, retry_for: Duration) -> Result<TcpStream, Error> {
+fn connect_with_retry(peer: &Endpoint, retry_for: Duration) -> Result<Conn, Error> {
     let start = Instant::now();
     loop {
-        match TcpStream::connect_timeout(&peer, ATTEMPT_TIMEOUT) {
+        match Conn::connect(peer, ATTEMPT_TIMEOUT) {
             Ok(stream) => return Ok(stream),
             Err(source) if start.elapsed() + RETRY_BACKOFF >= retry_for => {
                 return Err(Error::Connect {
-                    peer,
+                    peer: peer.clone(),
                     waited: start.elapsed(),
                     source,
                 })
@@ -409,8 +413,12 @@ fn connect_with_retry(peer: SocketAddr, retry_for: Duration) -> Result<TcpStream
     }
 }
 
-fn io_err(op: &'static str, peer: SocketAddr) -> impl FnOnce(io::Error) -> Error {
-    move |source| Error::Io { op, peer, source }
+fn io_err<'a>(op: &'static str, peer: &'a Endpoint) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        op,
+        peer: peer.clone(),
+        source,
+    }
 }
 
 /// Nanosecond latencies from 1 ns to a minute at 3 significant digits.
@@ -458,7 +466,7 @@ mod tests {
             .local_addr()
             .unwrap();
         let started = Instant::now();
-        let err = connect_with_retry(peer, Duration::from_millis(200)).unwrap_err();
+        let err = connect_with_retry(&peer.into(), Duration::from_millis(200)).unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(3));
         let msg = err.to_string();
         assert!(

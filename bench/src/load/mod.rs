@@ -1,4 +1,4 @@
-//! quicklane's own TCP load generator.
+//! quicklane's own load generator, over TCP or, for reference, AF_UNIX.
 //!
 //! It runs as `quicklane loadgen ...` inside simulated pods, so a benchmark needs nothing but
 //! the quicklane binary, and reports one JSON line that the benchmark harness reads back with
@@ -8,18 +8,19 @@
 pub mod checksum;
 pub mod cli;
 pub mod client;
+pub mod conn;
 pub mod prng;
 pub mod report;
 pub mod server;
 pub mod timeline;
 
 use std::io;
-use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use conn::Endpoint;
 pub use report::{parse_listening, parse_report, Report};
 
 /// Largest message either side will buffer, so a typo in a size flag cannot exhaust a pod's
@@ -94,21 +95,21 @@ pub(crate) fn parse_msg_size(s: &str) -> Result<usize, String> {
 pub enum Error {
     #[error("bind {addr} failed: {source}")]
     Bind {
-        addr: SocketAddr,
+        addr: Endpoint,
         #[source]
         source: io::Error,
     },
 
     #[error("accept on {addr} failed: {source}")]
     Accept {
-        addr: SocketAddr,
+        addr: Endpoint,
         #[source]
         source: io::Error,
     },
 
     #[error("connect to {peer} failed after {:.1} s: {source}", .waited.as_secs_f64())]
     Connect {
-        peer: SocketAddr,
+        peer: Endpoint,
         waited: Duration,
         #[source]
         source: io::Error,
@@ -117,7 +118,7 @@ pub enum Error {
     #[error("{op} {peer} failed: {source}")]
     Io {
         op: &'static str,
-        peer: SocketAddr,
+        peer: Endpoint,
         #[source]
         source: io::Error,
     },
@@ -127,14 +128,14 @@ pub enum Error {
 
     #[error("{mismatched} of {conns} streams to {peer} came back with a different checksum")]
     ChecksumMismatch {
-        peer: SocketAddr,
+        peer: Endpoint,
         mismatched: usize,
         conns: usize,
     },
 
     #[error("{mismatches} of {transactions} responses from {peer} differed from their requests")]
     ResponseMismatch {
-        peer: SocketAddr,
+        peer: Endpoint,
         mismatches: u64,
         transactions: u64,
     },

@@ -3,12 +3,10 @@
 //! Rates use decimal units (1 MB = 1e6 bytes, 1 Gbit = 1e9 bits) like iperf and qperf, so the
 //! numbers compare directly.
 
-use std::net::SocketAddr;
-
 use serde::{Deserialize, Serialize};
 
 use super::timeline::ReceiveTimeline;
-use super::{Error, Mode, SizeRange};
+use super::{Endpoint, Error, Mode, SizeRange};
 
 /// A final report line, tagged by `"kind"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,12 +23,12 @@ pub enum Report {
 #[serde(tag = "event", rename_all = "lowercase")]
 pub enum Event {
     /// The server is bound; clients may connect from now on.
-    Listening { addr: SocketAddr },
+    Listening { addr: Endpoint },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StreamReport {
-    pub peer: SocketAddr,
+    pub peer: Endpoint,
     pub conns: u32,
     pub msg_size: SizeRange,
     pub nodelay: bool,
@@ -53,7 +51,7 @@ pub struct StreamReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StreamConnReport {
     /// Client-side address, to pair this with the server's entry for the same connection.
-    pub local: SocketAddr,
+    pub local: Endpoint,
     pub bytes: u64,
     pub msgs: u64,
     pub elapsed_s: f64,
@@ -68,7 +66,7 @@ pub struct StreamConnReport {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RrReport {
-    pub peer: SocketAddr,
+    pub peer: Endpoint,
     pub conns: u32,
     pub msg_size: usize,
     pub nodelay: bool,
@@ -91,7 +89,7 @@ pub struct RrReport {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConnectReport {
-    pub peer: SocketAddr,
+    pub peer: Endpoint,
     pub threads: u32,
     pub elapsed_s: f64,
     pub connects: u64,
@@ -106,7 +104,7 @@ pub struct ConnectReport {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerReport {
-    pub listen: SocketAddr,
+    pub listen: Endpoint,
     pub mode: Mode,
     pub elapsed_s: f64,
     pub conns: u64,
@@ -117,7 +115,7 @@ pub struct ServerReport {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerConnReport {
-    pub peer: SocketAddr,
+    pub peer: Endpoint,
     pub bytes: u64,
     /// Stream mode: checksum of everything received, as sent back to the client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -138,7 +136,7 @@ pub fn parse_report(line: &str) -> Result<Report, Error> {
 }
 
 /// Parses the server's `listening` line into the address it is bound to.
-pub fn parse_listening(line: &str) -> Result<SocketAddr, Error> {
+pub fn parse_listening(line: &str) -> Result<Endpoint, Error> {
     parse(line).map(|Event::Listening { addr }| addr)
 }
 
@@ -165,10 +163,10 @@ mod tests {
 
     // Values with short exact binary forms, so equality after a JSON round trip is exact.
     fn reports() -> Vec<Report> {
-        let peer: SocketAddr = "[::1]:5001".parse().unwrap();
+        let peer: Endpoint = "[::1]:5001".parse().unwrap();
         vec![
             Report::Stream(StreamReport {
-                peer,
+                peer: peer.clone(),
                 conns: 1,
                 msg_size: SizeRange { min: 1, max: 1024 },
                 nodelay: true,
@@ -195,7 +193,7 @@ mod tests {
                 }],
             }),
             Report::Rr(RrReport {
-                peer,
+                peer: "unix:/run/rr.sock".parse().unwrap(),
                 conns: 2,
                 msg_size: 1,
                 nodelay: false,
@@ -280,7 +278,7 @@ mod tests {
         assert_eq!(line, r#"{"event":"listening","addr":"127.0.0.1:5001"}"#);
         assert_eq!(
             parse_listening(&format!("{line}\n")).unwrap(),
-            "127.0.0.1:5001".parse::<SocketAddr>().unwrap()
+            "127.0.0.1:5001".parse::<Endpoint>().unwrap()
         );
     }
 

@@ -1,13 +1,13 @@
 //! The receiving end: sinks streams, echoes requests, or accepts and drops connections.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::panic;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use super::checksum::Checksum;
+use super::conn::{Conn, Endpoint, Listener};
 use super::report::{ServerConnReport, ServerReport};
 use super::timeline;
 use super::{Error, Mode};
@@ -47,7 +47,7 @@ impl Service {
 
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    pub listen: SocketAddr,
+    pub listen: Endpoint,
     pub service: Service,
     /// Stop accepting after this long.
     pub duration: Duration,
@@ -63,22 +63,27 @@ pub struct ServerOptions {
 /// address (port 0 picks one) before any client is started.
 #[derive(Debug)]
 pub struct Server {
-    listener: TcpListener,
-    addr: SocketAddr,
+    listener: Listener,
+    addr: Endpoint,
     opts: ServerOptions,
 }
 
 impl Server {
     pub fn bind(opts: ServerOptions) -> Result<Self, Error> {
+        if matches!(opts.service, Service::Connect { .. }) && opts.listen.tcp().is_none() {
+            return Err(Error::Usage(
+                "connect mode measures TCP connection setup: it needs an ADDR:PORT",
+            ));
+        }
         let bind_err = |source| Error::Bind {
-            addr: opts.listen,
+            addr: opts.listen.clone(),
             source,
         };
-        let listener = TcpListener::bind(opts.listen).map_err(bind_err)?;
+        let listener = Listener::bind(&opts.listen).map_err(bind_err)?;
         // Non-blocking so a quiet listener can never hold the server past its deadline.
         listener.set_nonblocking(true).map_err(bind_err)?;
         widen_backlog(&listener).map_err(bind_err)?;
-        let addr = listener.local_addr().map_err(bind_err)?;
+        let addr = listener.local().map_err(bind_err)?;
         Ok(Self {
             listener,
             addr,
@@ -87,15 +92,15 @@ impl Server {
     }
 
     #[must_use]
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+    pub fn local_addr(&self) -> &Endpoint {
+        &self.addr
     }
 
     /// Serves until the duration is up or `max_conns` connections have been handled, then
     /// waits (bounded by a short grace period) for connections still open.
     pub fn run(self) -> Result<ServerReport, Error> {
         let accept_err = |source| Error::Accept {
-            addr: self.addr,
+            addr: self.addr.clone(),
             source,
         };
         let start = Instant::now();
@@ -156,7 +161,7 @@ impl Server {
             .map(|h| h.join().unwrap_or_else(|p| panic::resume_unwind(p)))
             .collect();
         Ok(ServerReport {
-            listen: self.addr,
+            listen: self.addr.clone(),
             mode: self.opts.service.mode(),
             elapsed_s: start.elapsed().as_secs_f64(),
             conns,
@@ -170,7 +175,7 @@ impl Server {
 /// hiccup of a few milliseconds; each dropped SYN then costs a 1 s retransmission. Listening
 /// again on a listening socket only changes its backlog (the kernel caps it at
 /// `net.core.somaxconn`).
-fn widen_backlog(listener: &TcpListener) -> io::Result<()> {
+fn widen_backlog(listener: &Listener) -> io::Result<()> {
     // SAFETY: plain syscall on a descriptor the listener keeps open.
     if unsafe { libc::listen(listener.as_raw_fd(), libc::SOMAXCONN) } == 0 {
         Ok(())
@@ -180,7 +185,7 @@ fn widen_backlog(listener: &TcpListener) -> io::Result<()> {
 }
 
 /// Waits up to `timeout` for a pending connection.
-fn wait_readable(listener: &TcpListener, timeout: Duration) -> io::Result<bool> {
+fn wait_readable(listener: &Listener, timeout: Duration) -> io::Result<bool> {
     let mut pollfd = libc::pollfd {
         fd: listener.as_raw_fd(),
         events: libc::POLLIN,
@@ -204,7 +209,7 @@ fn wait_readable(listener: &TcpListener, timeout: Duration) -> io::Result<bool> 
     }
 }
 
-fn configure(stream: &TcpStream, nodelay: bool) -> io::Result<()> {
+fn configure(stream: &Conn, nodelay: bool) -> io::Result<()> {
     // Accepted sockets inherit O_NONBLOCK from the listener on BSD-derived systems.
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(POLL))?;
@@ -213,7 +218,7 @@ fn configure(stream: &TcpStream, nodelay: bool) -> io::Result<()> {
 }
 
 /// One `read`, retried across read timeouts until `deadline`; 0 means EOF.
-fn read_some(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+fn read_some(stream: &mut Conn, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
     loop {
         if Instant::now() >= deadline {
             return Err(io::Error::new(
@@ -233,8 +238,8 @@ fn read_some(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::R
 }
 
 fn sink(
-    mut stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: Conn,
+    peer: Endpoint,
     nodelay: bool,
     deadline: Instant,
     mut recorder: Option<timeline::Recorder>,
@@ -253,7 +258,7 @@ fn sink(
 }
 
 fn sink_into(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     nodelay: bool,
     sum: &mut Checksum,
     deadline: Instant,
@@ -275,8 +280,8 @@ fn sink_into(
 }
 
 fn echo(
-    mut stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: Conn,
+    peer: Endpoint,
     msg_size: usize,
     nodelay: bool,
     deadline: Instant,
@@ -294,7 +299,7 @@ fn echo(
 }
 
 fn echo_into(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     msg_size: usize,
     nodelay: bool,
     transactions: &mut u64,
@@ -323,7 +328,7 @@ fn echo_into(
 
 /// Echoes a connect-mode client's one-byte hello. A client that resets, closes or stays silent
 /// instead is its own failure to report, so errors here only end the connection.
-fn answer_hello(mut stream: TcpStream) {
+fn answer_hello(mut stream: Conn) {
     let mut byte = [0u8; 1];
     let _ = stream
         .set_read_timeout(Some(HELLO_TIMEOUT))

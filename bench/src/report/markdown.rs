@@ -30,6 +30,7 @@ pub fn render(r: &Results, charts: &[&str]) -> String {
     let mut md = String::new();
     header(&mut md, r);
     ratio_table(&mut md, r);
+    reference_table(&mut md, r);
     if !charts.is_empty() {
         let _ = writeln!(md, "## Charts\n");
         for chart in charts {
@@ -121,6 +122,59 @@ fn ratio_table(md: &mut String, r: &Results) {
     sources.sort_unstable();
     sources.dedup();
     let _ = writeln!(md, "\nTargets: {}.\n", sources.join("; "));
+}
+
+/// The AF_UNIX references beside the bypass's own ratio for the same measure.
+fn reference_table(md: &mut String, r: &Results) {
+    if r.references.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "## Reference: AF_UNIX / TCP, without the agent\n\n\
+         The load generator between the same two pods over an AF_UNIX stream socket, the \
+         kernel's cheapest same-host stream, against its own TCP baseline. A socket-level \
+         bypass still makes the same syscalls, copies and reader wakeups and saves only the \
+         TCP/IP path, so the AF_UNIX ratio is about the best it can reach on this machine. \
+         \"AF_UNIX meets it\" says whether even AF_UNIX meets the issue's target.\n\n\
+         | measure | size | TCP baseline | TCP accelerated | AF_UNIX | unit | bypass ratio | \
+         AF_UNIX ratio | per-rep range | target | AF_UNIX meets it |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for reference in &r.references {
+        let tcp = format!("{}.pod-to-pod", measure_of(&reference.metric));
+        let fig = |metric: &str, mode| r.figure(metric, reference.msg_size, mode);
+        let (Some(base), Some(unix)) = (
+            fig(&tcp, Mode::Baseline),
+            fig(&reference.metric, Mode::Baseline),
+        ) else {
+            continue;
+        };
+        let bypass = r
+            .ratios
+            .iter()
+            .find(|x| x.metric == tcp && x.msg_size == reference.msg_size)
+            .map_or_else(|| "–".to_owned(), |x| format!("{}x", num(x.value)));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {bypass} | **{}x** | {}–{} | {} {} | {} |",
+            measure_of(&reference.metric),
+            reference
+                .msg_size
+                .map_or_else(|| "–".to_owned(), size_label),
+            spread(base),
+            fig(&tcp, Mode::Accelerated).map_or_else(|| "–".to_owned(), spread),
+            spread(unix),
+            base.unit,
+            num(reference.value),
+            num(reference.min),
+            num(reference.max),
+            reference.better.symbol(),
+            num(reference.target),
+            if reference.met { "yes" } else { "**no**" }
+        );
+    }
+    md.push('\n');
 }
 
 fn agent_counters(md: &mut String, r: &Results) {

@@ -355,6 +355,7 @@ pub fn run(plan: &Plan, ctx: &Context) -> Result<Results, Error> {
         wall_seconds: wall,
         results: figures,
         ratios,
+        references: Vec::new(),
         agent: extras.agent,
         notes: extras.notes,
         commands: rec.commands,

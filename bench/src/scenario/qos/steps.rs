@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::interrupt;
 use crate::load::{self, timeline::ReceiveTimeline, Report};
 use crate::results::{Mode, Timeline};
-use crate::testbed::Place;
+use crate::testbed::{Listen, Place};
 use crate::tools::{iperf3, sockperf};
 
 /// Rate accuracy (tcp, udp) in the sink.
@@ -79,7 +79,7 @@ impl<'a> Bench<'a> {
                 sink,
                 OsStr::new("iperf3"),
                 &iperf3(RATE_PORT),
-                RATE_PORT,
+                Listen::Port(RATE_PORT),
                 "iperf3-rate-server",
             )?,
             // -J and -i: its receive intervals go back to the client as JSON.
@@ -94,14 +94,14 @@ impl<'a> Bench<'a> {
                     "-p".into(),
                     LO_PORT.to_string(),
                 ],
-                LO_PORT,
+                Listen::Port(LO_PORT),
                 "iperf3-lo-server",
             )?,
             self.rec.server(
                 sink,
                 OsStr::new("sockperf"),
                 &sockperf::server_args(SOCKPERF_PORT),
-                SOCKPERF_PORT,
+                Listen::Port(SOCKPERF_PORT),
                 "sockperf-server",
             )?,
         ])
@@ -351,7 +351,7 @@ impl<'a> Bench<'a> {
             Place::Pod(self.node.pod(2)),
             exe.as_os_str(),
             &args,
-            STREAM_PORT,
+            Listen::Port(STREAM_PORT),
             (rep, arm),
         )
     }
@@ -431,7 +431,7 @@ impl<'a> Bench<'a> {
             report
                 .connections
                 .iter()
-                .find(|c| same_host(c.peer, addr))
+                .find(|c| c.peer.tcp().is_some_and(|peer| same_host(peer, addr)))
                 .and_then(|c| c.timeline.clone())
                 .ok_or_else(|| bad(what, format!("no timeline for the stream from {addr}")))
         };
