@@ -13,7 +13,7 @@ use quicklane_bench::load::client::{self, ClientOptions};
 use quicklane_bench::load::report::{ServerConnReport, ServerReport};
 use quicklane_bench::load::server::{Server, ServerOptions, Service};
 use quicklane_bench::load::{
-    parse_listening, parse_report, Endpoint, Error, Mode, Report, SizeRange,
+    parse_listening, parse_report, Check, Endpoint, Error, Mode, Report, SizeRange,
 };
 
 const V4: &str = "127.0.0.1:0";
@@ -74,7 +74,7 @@ fn stream_with_random_sizes_matches_on_both_ends(listen: &str) {
     // --max-conns makes the server exit on its own long before its 20 s duration.
     let (addr, server) = start_server(
         listen,
-        Service::Stream,
+        Service::Stream(Check::Checksum),
         Duration::from_secs(20),
         Some(conns.into()),
     );
@@ -84,6 +84,7 @@ fn stream_with_random_sizes_matches_on_both_ends(listen: &str) {
             min: 1,
             max: 1 << 20,
         },
+        Check::Checksum,
     )
     .unwrap();
     let server = server.join().unwrap().unwrap();
@@ -175,7 +176,7 @@ fn checksum_mismatch_fails_the_run_after_printing_the_report() {
     server.join().unwrap();
 
     assert!(
-        matches!(err, Error::ChecksumMismatch { mismatched: 1, conns: 1, ref peer } if *peer == addr.into()),
+        matches!(err, Error::ChecksumMismatch { mismatched: 1, conns: 1, ref peer, .. } if *peer == addr.into()),
         "{err}"
     );
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
@@ -468,18 +469,30 @@ fn client_waits_for_a_late_server() {
 fn stream_timelines_account_for_every_byte_on_one_time_axis() {
     let (addr, server) = start_server_with(
         V4,
-        Service::Stream,
+        Service::Stream(Check::Checksum),
         Duration::from_secs(20),
         Some(2),
         Some(10_000),
     );
     let first = thread::spawn({
         let addr = addr.clone();
-        move || client::stream(&client_opts(&addr, 1, 300), SizeRange::fixed(65536)).unwrap()
+        move || {
+            client::stream(
+                &client_opts(&addr, 1, 300),
+                SizeRange::fixed(65536),
+                Check::Checksum,
+            )
+            .unwrap()
+        }
     });
     // The second connection starts later, so its series must start later on the shared axis.
     thread::sleep(Duration::from_millis(150));
-    let second = client::stream(&client_opts(&addr, 1, 100), SizeRange::fixed(65536)).unwrap();
+    let second = client::stream(
+        &client_opts(&addr, 1, 100),
+        SizeRange::fixed(65536),
+        Check::Checksum,
+    )
+    .unwrap();
     let first = first.join().unwrap();
     let server = server.join().unwrap().unwrap();
     let mut starts = Vec::new();
@@ -532,7 +545,12 @@ impl Drop for UnixDir {
 fn unix_sockets_carry_streams_and_ping_pong_and_leave_no_file() {
     let dir = UnixDir::new("serve");
     let at = dir.endpoint().to_string();
-    let (addr, server) = start_server(&at, Service::Stream, Duration::from_secs(20), Some(1));
+    let (addr, server) = start_server(
+        &at,
+        Service::Stream(Check::Checksum),
+        Duration::from_secs(20),
+        Some(1),
+    );
     assert_eq!(addr, dir.endpoint());
     let report = client::stream(
         &client_opts(&addr, 1, 300),
@@ -540,6 +558,7 @@ fn unix_sockets_carry_streams_and_ping_pong_and_leave_no_file() {
             min: 1,
             max: 1 << 20,
         },
+        Check::Checksum,
     )
     .unwrap();
     let server = server.join().unwrap().unwrap();
@@ -587,4 +606,81 @@ fn connect_mode_over_a_unix_socket_is_refused_on_both_ends() {
         );
     }
     assert!(!dir.0.join("s.sock").exists());
+}
+
+#[test]
+fn length_checked_streams_count_every_byte_without_hashing() {
+    let (addr, server) = start_server(
+        V4,
+        Service::Stream(Check::Length),
+        Duration::from_secs(20),
+        Some(1),
+    );
+    let report = client::stream(
+        &client_opts(&addr, 1, 200),
+        SizeRange::fixed(65536),
+        Check::Length,
+    )
+    .unwrap();
+    let server = server.join().unwrap().unwrap();
+    assert!(report.checksum_ok, "{report:?}");
+    assert_eq!(report.check, Check::Length);
+    assert_eq!(server.bytes, report.bytes);
+    let seen = server_conn(&server, &report.connections[0].local);
+    assert_eq!((seen.bytes, seen.checksum), (report.bytes, None));
+}
+
+#[test]
+fn a_length_only_server_cannot_vouch_for_a_checksum() {
+    let (addr, server) = start_server(
+        V4,
+        Service::Stream(Check::Length),
+        Duration::from_secs(20),
+        Some(1),
+    );
+    let report = client::stream(
+        &client_opts(&addr, 1, 100),
+        SizeRange::fixed(4096),
+        Check::Checksum,
+    )
+    .unwrap();
+    server.join().unwrap().unwrap();
+    assert!(!report.checksum_ok, "{report:?}");
+}
+
+#[test]
+fn length_checks_are_for_streams_only() {
+    for side in [
+        vec![
+            "loadgen",
+            "server",
+            "--listen",
+            V4,
+            "--mode",
+            "rr",
+            "--msg-size",
+            "8",
+            "--check",
+            "length",
+        ],
+        vec![
+            "loadgen",
+            "client",
+            "--connect",
+            "127.0.0.1:1",
+            "--mode",
+            "rr",
+            "--msg-size",
+            "8",
+            "--check",
+            "length",
+        ],
+    ] {
+        let args = LoadgenArgs::try_parse_from(&side).unwrap();
+        let err = run_with_output(args, &mut Vec::new()).unwrap_err();
+        assert!(
+            matches!(err, Error::Usage(m) if m.contains("--check")),
+            "{side:?}: {err}"
+        );
+    }
 }

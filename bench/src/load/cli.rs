@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::client::{self, ClientOptions};
 use super::report::{Event, Report};
 use super::server::{Server, ServerOptions, Service};
-use super::{parse_msg_size, timeline, Endpoint, Error, Mode, SizeRange};
+use super::{parse_msg_size, timeline, Check, Endpoint, Error, Mode, SizeRange};
 
 /// quicklane's TCP load generator; prints JSON lines on stdout.
 #[derive(Debug, Parser)]
@@ -54,6 +54,11 @@ pub struct ServerArgs {
     #[arg(long)]
     pub hello: bool,
 
+    /// Stream mode: hash what arrives (checksum) or only count it (length), matching the
+    /// client's --check.
+    #[arg(long, value_enum, default_value_t = Check::Checksum)]
+    pub check: Check,
+
     /// Exit once this many connections have been served.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_conns: Option<u64>,
@@ -85,6 +90,12 @@ pub struct ClientArgs {
     /// Message size (stream) or request and response size (rr).
     #[arg(long, value_name = "BYTES", value_parser = parse_msg_size)]
     pub msg_size: Option<usize>,
+
+    /// Stream mode: have the server vouch for every byte (checksum) or only for the count
+    /// (length: for throughput, where hashing on both ends would cost as much CPU as the path
+    /// being measured); the server's --check must match.
+    #[arg(long, value_enum, default_value_t = Check::Checksum)]
+    pub check: Check,
 
     /// Stream mode: draw each message's size uniformly from MIN..=MAX.
     #[arg(long, value_name = "MIN:MAX", conflicts_with = "msg_size")]
@@ -142,7 +153,10 @@ pub fn run_with_output(args: LoadgenArgs, out: &mut impl Write) -> Result<(), Er
 
 fn serve(args: &ServerArgs, out: &mut impl Write) -> Result<(), Error> {
     let service = match args.mode {
-        Mode::Stream => Service::Stream,
+        Mode::Stream => Service::Stream(args.check),
+        _ if args.check != Check::Checksum => {
+            return Err(Error::Usage("--check needs --mode stream"));
+        }
         Mode::Rr => Service::Rr {
             msg_size: args
                 .msg_size
@@ -150,7 +164,7 @@ fn serve(args: &ServerArgs, out: &mut impl Write) -> Result<(), Error> {
         },
         Mode::Connect => Service::Connect { hello: args.hello },
     };
-    if args.timeline_buckets.is_some() && service != Service::Stream {
+    if args.timeline_buckets.is_some() && !matches!(service, Service::Stream(_)) {
         return Err(Error::Usage("--timeline-buckets needs --mode stream"));
     }
     let server = Server::bind(ServerOptions {
@@ -179,6 +193,9 @@ fn drive(args: &ClientArgs, out: &mut impl Write) -> Result<(), Error> {
         seed: args.seed,
         connect_retry: args.connect_retry,
     };
+    if args.check != Check::Checksum && args.mode != Mode::Stream {
+        return Err(Error::Usage("--check needs --mode stream"));
+    }
     match args.mode {
         Mode::Stream => {
             let sizes = args
@@ -187,12 +204,13 @@ fn drive(args: &ClientArgs, out: &mut impl Write) -> Result<(), Error> {
                 .ok_or(Error::Usage(
                     "stream mode needs --msg-size or --random-sizes",
                 ))?;
-            let report = client::stream(&opts, sizes)?;
+            let report = client::stream(&opts, sizes, args.check)?;
             let mismatched = report.connections.iter().filter(|c| !c.checksum_ok).count();
             emit(out, &Report::Stream(report))?;
             if mismatched > 0 {
                 return Err(Error::ChecksumMismatch {
                     peer: opts.peer.clone(),
+                    check: args.check,
                     mismatched,
                     conns: opts.conns as usize,
                 });

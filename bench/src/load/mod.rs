@@ -39,6 +39,18 @@ pub enum Mode {
     Connect,
 }
 
+/// What a stream's end-of-stream reply vouches for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Check {
+    /// Every byte, by checksum: what the correctness tests need.
+    #[default]
+    Checksum,
+    /// The byte count only: a throughput measurement whose hashing on both ends would
+    /// otherwise cost as much CPU as the path being measured.
+    Length,
+}
+
 /// Inclusive message-size range; a fixed size is `min == max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SizeRange {
@@ -126,9 +138,13 @@ pub enum Error {
     #[error("invalid arguments: {0}")]
     Usage(&'static str),
 
-    #[error("{mismatched} of {conns} streams to {peer} came back with a different checksum")]
+    #[error("{mismatched} of {conns} streams to {peer} came back with a different {}", match .check {
+        Check::Checksum => "checksum",
+        Check::Length => "length",
+    })]
     ChecksumMismatch {
         peer: Endpoint,
+        check: Check,
         mismatched: usize,
         conns: usize,
     },

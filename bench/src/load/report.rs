@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::timeline::ReceiveTimeline;
-use super::{Endpoint, Error, Mode, SizeRange};
+use super::{Check, Endpoint, Error, Mode, SizeRange};
 
 /// A final report line, tagged by `"kind"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,6 +33,9 @@ pub struct StreamReport {
     pub msg_size: SizeRange,
     pub nodelay: bool,
     pub seed: u64,
+    /// What `checksum_ok` vouches for: every byte, or the byte count only.
+    #[serde(default)]
+    pub check: Check,
     /// The slowest connection's time from connect to the server's checksum reply.
     pub elapsed_s: f64,
     pub bytes: u64,
@@ -40,7 +43,7 @@ pub struct StreamReport {
     /// Megabytes (1e6 bytes) per second.
     pub throughput_mbps: f64,
     pub gbit_per_s: f64,
-    /// All connections' checksums matched the server's.
+    /// All connections' digests matched the server's (checksums, or lengths: see `check`).
     pub checksum_ok: bool,
     /// Blocking reads that failed with EAGAIN before their timeout and were retried (see
     /// `client::read_exact_retrying`); nonzero means a path broke blocking-read semantics.
@@ -171,6 +174,7 @@ mod tests {
                 msg_size: SizeRange { min: 1, max: 1024 },
                 nodelay: true,
                 seed: u64::MAX,
+                check: Check::Length,
                 elapsed_s: 0.5,
                 bytes: 1000,
                 msgs: 3,

@@ -10,7 +10,7 @@ use super::checksum::Checksum;
 use super::conn::{Conn, Endpoint, Listener};
 use super::report::{ServerConnReport, ServerReport};
 use super::timeline;
-use super::{Error, Mode};
+use super::{Check, Error, Mode};
 
 /// How long connections still open at the server's deadline get to finish, e.g. those of a
 /// client that started a little after the server.
@@ -27,8 +27,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
 /// What the server does with each accepted connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
-    /// Read to EOF, then send back the [`Digest`](super::checksum::Digest) of what arrived.
-    Stream,
+    /// Read to EOF, then send back the [`Digest`](super::checksum::Digest) of what arrived,
+    /// hashed or only counted.
+    Stream(Check),
     /// Echo every `msg_size`-byte request; the size is agreed out of band, by flag.
     Rr { msg_size: usize },
     /// Accept and close at once; with `hello`, first echo the client's one-byte hello.
@@ -38,7 +39,7 @@ pub enum Service {
 impl Service {
     fn mode(self) -> Mode {
         match self {
-            Self::Stream => Mode::Stream,
+            Self::Stream(_) => Mode::Stream,
             Self::Rr { .. } => Mode::Rr,
             Self::Connect { .. } => Mode::Connect,
         }
@@ -140,14 +141,14 @@ impl Server {
                     // Inline, not a thread per connection: one byte each way is quick, and a
                     // client that never sends it costs at most HELLO_TIMEOUT.
                     Service::Connect { hello: true } => answer_hello(stream),
-                    Service::Stream => {
+                    Service::Stream(check) => {
                         // One origin for every connection: their series share a time axis.
                         let recorder = self
                             .opts
                             .timeline_buckets
                             .map(|cap| timeline::Recorder::new(start, cap));
                         handlers.push(thread::spawn(move || {
-                            sink(stream, peer, nodelay, drain_deadline, recorder)
+                            sink(stream, peer, check, nodelay, drain_deadline, recorder)
                         }));
                     }
                     Service::Rr { msg_size } => handlers.push(thread::spawn(move || {
@@ -240,17 +241,25 @@ fn read_some(stream: &mut Conn, buf: &mut [u8], deadline: Instant) -> io::Result
 fn sink(
     mut stream: Conn,
     peer: Endpoint,
+    check: Check,
     nodelay: bool,
     deadline: Instant,
     mut recorder: Option<timeline::Recorder>,
 ) -> ServerConnReport {
     let mut sum = Checksum::new();
-    let outcome = sink_into(&mut stream, nodelay, &mut sum, deadline, recorder.as_mut());
+    let outcome = sink_into(
+        &mut stream,
+        check,
+        nodelay,
+        &mut sum,
+        deadline,
+        recorder.as_mut(),
+    );
     let digest = sum.digest();
     ServerConnReport {
         peer,
         bytes: digest.bytes,
-        checksum: Some(digest.checksum),
+        checksum: (check == Check::Checksum).then_some(digest.checksum),
         transactions: None,
         error: outcome.err().map(|e| e.to_string()),
         timeline: recorder.map(timeline::Recorder::finish),
@@ -259,6 +268,7 @@ fn sink(
 
 fn sink_into(
     stream: &mut Conn,
+    check: Check,
     nodelay: bool,
     sum: &mut Checksum,
     deadline: Instant,
@@ -273,7 +283,10 @@ fn sink_into(
                 if let Some(r) = recorder.as_deref_mut() {
                     r.record(n);
                 }
-                sum.update(&buf[..n]);
+                match check {
+                    Check::Checksum => sum.update(&buf[..n]),
+                    Check::Length => sum.count(n),
+                }
             }
         }
     }
