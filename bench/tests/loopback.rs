@@ -11,7 +11,7 @@ use quicklane_bench::load::checksum::{Checksum, Digest};
 use quicklane_bench::load::cli::{run_with_output, LoadgenArgs};
 use quicklane_bench::load::client::{self, ClientOptions};
 use quicklane_bench::load::report::{ServerConnReport, ServerReport};
-use quicklane_bench::load::server::{Server, ServerOptions, Service};
+use quicklane_bench::load::server::{Server, ServerOptions, Service, STREAM_READ_SIZE};
 use quicklane_bench::load::{
     parse_listening, parse_report, Check, Endpoint, Error, Mode, Report, SizeRange,
 };
@@ -42,6 +42,7 @@ fn start_server_with(
         max_conns,
         nodelay: true,
         timeline_buckets,
+        read_size: STREAM_READ_SIZE,
     })
     .unwrap();
     (
@@ -456,6 +457,7 @@ fn client_waits_for_a_late_server() {
             max_conns: Some(1),
             nodelay: true,
             timeline_buckets: None,
+            read_size: STREAM_READ_SIZE,
         })
         .unwrap()
         .run()
@@ -646,6 +648,64 @@ fn a_length_only_server_cannot_vouch_for_a_checksum() {
     .unwrap();
     server.join().unwrap().unwrap();
     assert!(!report.checksum_ok, "{report:?}");
+}
+
+#[test]
+fn a_small_read_size_still_receives_every_byte() {
+    let server = Server::bind(ServerOptions {
+        listen: V4.parse().unwrap(),
+        service: Service::Stream(Check::Checksum),
+        duration: Duration::from_secs(20),
+        max_conns: Some(1),
+        nodelay: true,
+        timeline_buckets: None,
+        read_size: 1000,
+    })
+    .unwrap();
+    let addr = server.local_addr().clone();
+    let server = thread::spawn(move || server.run());
+    let report = client::stream(
+        &client_opts(&addr, 1, 200),
+        SizeRange::fixed(65536),
+        Check::Checksum,
+    )
+    .unwrap();
+    let server = server.join().unwrap().unwrap();
+    assert!(report.checksum_ok, "{report:?}");
+    assert_eq!(server.bytes, report.bytes);
+}
+
+#[test]
+fn read_sizes_are_for_stream_servers_only() {
+    let args = LoadgenArgs::try_parse_from([
+        "loadgen",
+        "server",
+        "--listen",
+        V4,
+        "--mode",
+        "rr",
+        "--msg-size",
+        "8",
+        "--read-size",
+        "64",
+    ])
+    .unwrap();
+    let err = run_with_output(args, &mut Vec::new()).unwrap_err();
+    assert!(
+        matches!(err, Error::Usage(m) if m.contains("--read-size")),
+        "{err}"
+    );
+    for bad in ["0", "x"] {
+        assert!(LoadgenArgs::try_parse_from([
+            "loadgen",
+            "server",
+            "--listen",
+            V4,
+            "--read-size",
+            bad,
+        ])
+        .is_err());
+    }
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Quick interleaved A/B of the bypass on a simulated node: connect rate, 64 B request/response
-//! latency and stream throughput (64 KiB writes, or `--stream-size N`), pod to pod, without the agent ("base") and with one
+//! latency and stream throughput (64 KiB writes, or `--stream-size N`; the server reads
+//! 256 KiB at a time, or `--read-size N`; `--nagle` leaves Nagle's algorithm on), pod to pod, without the agent ("base") and with one
 //! or more agent binaries (variants of the datapath), in an order rotated every repetition.
 //!
 //! ```sh
@@ -35,6 +36,11 @@ struct Args {
     loadgen: PathBuf,
     conns: u32,
     stream_size: u64,
+    /// The stream server's read() size; the load generator's default when absent.
+    read_size: Option<u64>,
+    /// Streams leave Nagle's algorithm on, as qperf does (the load generator sets
+    /// TCP_NODELAY by default, as Envoy and gRPC do).
+    nagle: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -50,6 +56,8 @@ fn parse_args() -> Result<Args> {
             .join("quicklane"),
         conns: 1,
         stream_size: 65536,
+        read_size: None,
+        nagle: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -59,6 +67,8 @@ fn parse_args() -> Result<Args> {
             "--secs" => args.secs = val()?.parse()?,
             "--conns" => args.conns = val()?.parse()?,
             "--stream-size" => args.stream_size = val()?.parse()?,
+            "--read-size" => args.read_size = Some(val()?.parse()?),
+            "--nagle" => args.nagle = true,
             "--tests" => args.tests = val()?.split(',').map(str::to_owned).collect(),
             "--loadgen" => args.loadgen = val()?.into(),
             "--no-base" => {
@@ -170,12 +180,15 @@ fn run_test(node: &Node, args: &Args, test: &str) -> Result<(f64, f64)> {
         // Counted, not hashed: hashing would cost as much CPU as the path measured.
         "stream" => (
             STREAM_PORT,
-            vec![
+            [
                 "--msg-size".into(),
                 args.stream_size.to_string(),
                 "--check".into(),
                 "length".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(args.nagle.then(|| "--no-nodelay".into()))
+            .collect(),
         ),
         _ => bail!("unknown test {test}"),
     };
@@ -255,10 +268,15 @@ fn main() -> Result<()> {
         wait_listening(&node, 1, port)?;
         Ok(p)
     };
+    let read_size = args.read_size.map(|n| n.to_string());
+    let mut stream = vec!["--mode", "stream", "--check", "length"];
+    if let Some(n) = &read_size {
+        stream.extend(["--read-size", n.as_str()]);
+    }
     let _servers = [
         server(CONNECT_PORT, &["--mode", "connect"])?,
         server(RR_PORT, &["--mode", "rr", "--msg-size", "64"])?,
-        server(STREAM_PORT, &["--mode", "stream", "--check", "length"])?,
+        server(STREAM_PORT, &stream)?,
     ];
     // Warm-up: neighbours, caches.
     run_test(

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::client::{self, ClientOptions};
 use super::report::{Event, Report};
-use super::server::{Server, ServerOptions, Service};
+use super::server::{Server, ServerOptions, Service, STREAM_READ_SIZE};
 use super::{parse_msg_size, timeline, Check, Endpoint, Error, Mode, SizeRange};
 
 /// quicklane's TCP load generator; prints JSON lines on stdout.
@@ -53,6 +53,11 @@ pub struct ServerArgs {
     /// Connect mode: echo each client's one-byte hello before closing (the client's --hello).
     #[arg(long)]
     pub hello: bool,
+
+    /// Stream mode: bytes asked for per read() (an application's read size matters to the
+    /// bypass: its reader holds the socket lock while it copies).
+    #[arg(long, value_name = "BYTES", value_parser = parse_msg_size)]
+    pub read_size: Option<usize>,
 
     /// Stream mode: hash what arrives (checksum) or only count it (length), matching the
     /// client's --check.
@@ -164,8 +169,13 @@ fn serve(args: &ServerArgs, out: &mut impl Write) -> Result<(), Error> {
         },
         Mode::Connect => Service::Connect { hello: args.hello },
     };
-    if args.timeline_buckets.is_some() && !matches!(service, Service::Stream(_)) {
-        return Err(Error::Usage("--timeline-buckets needs --mode stream"));
+    if !matches!(service, Service::Stream(_)) {
+        if args.timeline_buckets.is_some() {
+            return Err(Error::Usage("--timeline-buckets needs --mode stream"));
+        }
+        if args.read_size.is_some() {
+            return Err(Error::Usage("--read-size needs --mode stream"));
+        }
     }
     let server = Server::bind(ServerOptions {
         listen: args.listen.clone(),
@@ -174,6 +184,7 @@ fn serve(args: &ServerArgs, out: &mut impl Write) -> Result<(), Error> {
         max_conns: args.max_conns,
         nodelay: !args.no_nodelay,
         timeline_buckets: args.timeline_buckets.map(|n| n as usize),
+        read_size: args.read_size.unwrap_or(STREAM_READ_SIZE),
     })?;
     emit(
         out,

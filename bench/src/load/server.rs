@@ -19,7 +19,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(100);
 /// A peer that stops reading our replies for this long is treated as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-const STREAM_READ_BUF: usize = 256 << 10;
+/// Stream mode's default `read()` size.
+pub const STREAM_READ_SIZE: usize = 256 << 10;
 
 /// How long a connect-mode server waits for a client's hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
@@ -58,6 +59,9 @@ pub struct ServerOptions {
     /// Stream mode: record bytes received per millisecond for up to this many milliseconds
     /// after each connection's first byte (see [`timeline`]).
     pub timeline_buckets: Option<usize>,
+    /// Stream mode: bytes asked for per `read()`. An application's read size matters to the
+    /// bypass: its reader holds the socket lock while it copies.
+    pub read_size: usize,
 }
 
 /// A bound server; binding is separate from [`Server::run`] so the caller can announce the
@@ -147,9 +151,13 @@ impl Server {
                             .opts
                             .timeline_buckets
                             .map(|cap| timeline::Recorder::new(start, cap));
-                        handlers.push(thread::spawn(move || {
-                            sink(stream, peer, check, nodelay, drain_deadline, recorder)
-                        }));
+                        let how = Sink {
+                            check,
+                            nodelay,
+                            read_size: self.opts.read_size,
+                            deadline: drain_deadline,
+                        };
+                        handlers.push(thread::spawn(move || sink(stream, peer, how, recorder)));
                     }
                     Service::Rr { msg_size } => handlers.push(thread::spawn(move || {
                         echo(stream, peer, msg_size, nodelay, drain_deadline)
@@ -238,28 +246,28 @@ fn read_some(stream: &mut Conn, buf: &mut [u8], deadline: Instant) -> io::Result
     }
 }
 
+/// How one stream connection is read.
+#[derive(Debug, Clone, Copy)]
+struct Sink {
+    check: Check,
+    nodelay: bool,
+    read_size: usize,
+    deadline: Instant,
+}
+
 fn sink(
     mut stream: Conn,
     peer: Endpoint,
-    check: Check,
-    nodelay: bool,
-    deadline: Instant,
+    how: Sink,
     mut recorder: Option<timeline::Recorder>,
 ) -> ServerConnReport {
     let mut sum = Checksum::new();
-    let outcome = sink_into(
-        &mut stream,
-        check,
-        nodelay,
-        &mut sum,
-        deadline,
-        recorder.as_mut(),
-    );
+    let outcome = sink_into(&mut stream, how, &mut sum, recorder.as_mut());
     let digest = sum.digest();
     ServerConnReport {
         peer,
         bytes: digest.bytes,
-        checksum: (check == Check::Checksum).then_some(digest.checksum),
+        checksum: (how.check == Check::Checksum).then_some(digest.checksum),
         transactions: None,
         error: outcome.err().map(|e| e.to_string()),
         timeline: recorder.map(timeline::Recorder::finish),
@@ -268,22 +276,20 @@ fn sink(
 
 fn sink_into(
     stream: &mut Conn,
-    check: Check,
-    nodelay: bool,
+    how: Sink,
     sum: &mut Checksum,
-    deadline: Instant,
     mut recorder: Option<&mut timeline::Recorder>,
 ) -> io::Result<()> {
-    configure(stream, nodelay)?;
-    let mut buf = vec![0; STREAM_READ_BUF];
+    configure(stream, how.nodelay)?;
+    let mut buf = vec![0; how.read_size];
     loop {
-        match read_some(stream, &mut buf, deadline)? {
+        match read_some(stream, &mut buf, how.deadline)? {
             0 => return stream.write_all(&sum.digest().to_wire()),
             n => {
                 if let Some(r) = recorder.as_deref_mut() {
                     r.record(n);
                 }
-                match check {
+                match how.check {
                     Check::Checksum => sum.update(&buf[..n]),
                     Check::Length => sum.count(n),
                 }
