@@ -41,6 +41,10 @@ pub struct StreamPolicy {
     /// A window averaging at least this many bytes per message is a large-message stream
     /// (0: never).
     pub large_bytes: u32,
+    /// The same bound for a writer with Nagle's algorithm off (TCP_NODELAY), whose TCP
+    /// sends each write at once and so keeps up with the redirect from smaller sizes on
+    /// (0: `large_bytes` applies to it too; no effect while `large_bytes` is 0).
+    pub large_bytes_nodelay: u32,
     /// Messages per window.
     pub streak: u32,
     /// Every loopback stream moves to TCP.
@@ -57,20 +61,32 @@ pub enum StreamKind {
 
 impl StreamPolicy {
     /// Judges a window of `msgs` unanswered messages totalling `bytes` (a saturated count
-    /// reads as large). `None` before the window is full, and for a stream the redirect
-    /// carries better (the caller starts a new window). By the average, not message by
-    /// message: the kernel may split one write into messages of any size.
+    /// reads as large) from a writer with (`nodelay`) or without Nagle's algorithm off.
+    /// `None` before the window is full, and for a stream the redirect carries better (the
+    /// caller starts a new window). By the average, not message by message: the kernel may
+    /// split one write into messages of any size.
     #[must_use]
-    pub const fn judge(&self, msgs: u32, bytes: u32, loopback: bool) -> Option<StreamKind> {
+    pub const fn judge(
+        &self,
+        msgs: u32,
+        bytes: u32,
+        loopback: bool,
+        nodelay: bool,
+    ) -> Option<StreamKind> {
         if msgs < self.streak {
             return None;
         }
         let (msgs, bytes) = (msgs as u64, bytes as u64);
+        let large = if nodelay && self.large_bytes != 0 && self.large_bytes_nodelay != 0 {
+            self.large_bytes_nodelay
+        } else {
+            self.large_bytes
+        };
         if bytes < self.small_bytes as u64 * msgs {
             Some(StreamKind::Small)
         } else if self.loopback && loopback {
             Some(StreamKind::Loopback)
-        } else if self.large_bytes != 0 && bytes >= self.large_bytes as u64 * msgs {
+        } else if large != 0 && bytes >= large as u64 * msgs {
             Some(StreamKind::Large)
         } else {
             None
@@ -205,6 +221,7 @@ mod tests {
     const POLICY: StreamPolicy = StreamPolicy {
         small_bytes: 4096,
         large_bytes: 32768,
+        large_bytes_nodelay: 8192,
         streak: 32,
         loopback: true,
     };
@@ -212,8 +229,8 @@ mod tests {
     #[test]
     fn streams_are_judged_by_window_average_and_path() {
         use StreamKind::*;
-        let judge = |size: u32, loopback| POLICY.judge(32, size * 32, loopback);
-        assert_eq!(POLICY.judge(31, 31, false), None, "window not full");
+        let judge = |size: u32, loopback| POLICY.judge(32, size * 32, loopback, false);
+        assert_eq!(POLICY.judge(31, 31, false, false), None, "window not full");
         assert_eq!(judge(64, false), Some(Small));
         assert_eq!(judge(64, true), Some(Small));
         assert_eq!(judge(4095, false), Some(Small));
@@ -223,17 +240,42 @@ mod tests {
         assert_eq!(judge(4096, true), Some(Loopback));
         assert_eq!(judge(1 << 20, true), Some(Loopback));
         // A saturated byte count is a large stream, not an overflow.
-        assert_eq!(POLICY.judge(32, u32::MAX, false), Some(Large));
+        assert_eq!(POLICY.judge(32, u32::MAX, false, false), Some(Large));
         // One write split into pieces of several sizes still averages out large.
-        assert_eq!(POLICY.judge(32, 20 * 65536 + 12 * 8192, false), Some(Large));
+        assert_eq!(
+            POLICY.judge(32, 20 * 65536 + 12 * 8192, false, false),
+            Some(Large)
+        );
         let off = StreamPolicy {
             small_bytes: 0,
             large_bytes: 0,
+            large_bytes_nodelay: 8192,
             streak: 32,
             loopback: false,
         };
         for size in [1, 4096, 1 << 20] {
-            assert_eq!(off.judge(32, size * 32, true), None);
+            assert_eq!(off.judge(32, size * 32, true, true), None);
         }
+    }
+
+    #[test]
+    fn a_nodelay_writer_leaves_for_tcp_from_its_own_bound() {
+        use StreamKind::*;
+        let judge = |size: u32, nodelay| POLICY.judge(32, size * 32, false, nodelay);
+        assert_eq!(judge(8191, true), None);
+        assert_eq!(judge(8192, true), Some(Large));
+        assert_eq!(judge(16384, true), Some(Large));
+        assert_eq!(
+            judge(16384, false),
+            None,
+            "Nagle's writer keeps the redirect"
+        );
+        assert_eq!(judge(4095, true), Some(Small));
+        let unset = StreamPolicy {
+            large_bytes_nodelay: 0,
+            ..POLICY
+        };
+        assert_eq!(unset.judge(32, 16384 * 32, false, true), None);
+        assert_eq!(unset.judge(32, 32768 * 32, false, true), Some(Large));
     }
 }

@@ -16,7 +16,7 @@ pub mod sock;
 
 /// Bumped whenever a shared layout or a load-time global changes meaning, so a daemon never
 /// adopts pins written by an incompatible datapath.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// Load-time settings of the sock_ops/sk_msg object (`QL_SOCKOPS_CONFIG` global).
 #[repr(C)]
@@ -40,6 +40,11 @@ pub struct SockopsConfig {
     /// How far a shaped pod's timeline may lag now and still be caught up (ns): the tc
     /// object's `QosConfig::credit_ns`, which sk_msg's charges and the pacing need too.
     pub qos_credit_ns: u32,
+    /// `large_msg_bytes` for a writer with Nagle's algorithm off (0: the same bound).
+    pub large_msg_bytes_nodelay: u32,
+    /// Bit offset of `struct tcp_sock`'s `nonagle` field in this kernel (from its BTF); its
+    /// lowest bit is `TCP_NAGLE_OFF`. 0: unknown, every writer is judged as Nagle's.
+    pub tcp_nonagle_bit: u32,
 }
 
 /// Record established sockets in the sockhash and redirect messages between same-node peers.
@@ -57,4 +62,4 @@ pub const SOCKOPS_F_LOOPBACK_STREAMS_TCP: u32 = 8;
 // SAFETY: repr(C), Copy, no padding (asserted below).
 unsafe impl aya::Pod for SockopsConfig {}
 
-const _: () = assert!(core::mem::size_of::<SockopsConfig>() == 28);
+const _: () = assert!(core::mem::size_of::<SockopsConfig>() == 36);

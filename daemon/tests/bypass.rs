@@ -232,12 +232,30 @@ fn large_message_streams_move_to_tcp_mid_stream_byte_exact() {
         "the first messages went by redirect, the rest by TCP ({redirected} of {sent} bytes)"
     );
 
-    // Between the bounds a stream stays on the redirect.
+    // Between the bounds a stream with Nagle's algorithm on stays on the redirect...
     let before = redirected_bytes(&node);
-    let sent = assert_stream_ok(&client(a, &target, "stream", 1, &["--msg-size", "16384"]));
+    let sent = assert_stream_ok(&client(
+        a,
+        &target,
+        "stream",
+        1,
+        &["--msg-size", "16384", "--no-nodelay"],
+    ));
     assert!(
         redirected_bytes(&node) - before >= sent,
-        "a 16 KiB stream left the redirect"
+        "a 16 KiB stream with Nagle's algorithm left the redirect"
+    );
+    // ... while one with TCP_NODELAY, whose TCP keeps up from 8 KiB on
+    // (large_msg_bytes_nodelay), moves to TCP after its first window, byte-exact.
+    let before = status(&node);
+    let sent = assert_stream_ok(&client(a, &target, "stream", 1, &["--msg-size", "16384"]));
+    let after = status(&node);
+    let delta = |name: &str| counter(&after, "sockops", name) - counter(&before, "sockops", name);
+    assert_eq!(delta("conn_demoted_large_msgs"), 1, "{after:#}");
+    let redirected = delta("bytes_redirected");
+    assert!(
+        redirected > 0 && redirected <= 32 * 16384 && redirected < sent,
+        "only the first window went by redirect ({redirected} of {sent} bytes)"
     );
 
     // Large request/response is answered every time: it stays.
@@ -285,7 +303,8 @@ fn resets_and_killed_processes_leave_the_maps_empty() {
         "--mode",
         "stream",
         "--msg-size",
-        "16384", // between the stream bounds: it stays on the redirect
+        "16384", // between the stream bounds, with Nagle's algorithm: it stays on the redirect
+        "--no-nodelay",
         "--duration",
         "10",
     ])

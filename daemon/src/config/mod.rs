@@ -19,6 +19,7 @@ pub const MAX_SOCKETS_LIMIT: u32 = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
 pub const DEFAULT_SMALL_MSG_BYTES: u32 = 4096;
 pub const DEFAULT_LARGE_MSG_BYTES: u32 = 32 * 1024;
+pub const DEFAULT_LARGE_MSG_BYTES_NODELAY: u32 = 8 * 1024;
 pub const DEFAULT_STREAM_STREAK: u32 = 32;
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/quicklane";
 pub const DEFAULT_RUN_DIR: &str = "/run/quicklane";
@@ -111,6 +112,10 @@ pub struct BypassConfig {
     pub small_msg_bytes: u32,
     /// ... averaging at least this many bytes, a large-message stream (0: never).
     pub large_msg_bytes: u32,
+    /// `large_msg_bytes` for a writer with Nagle's algorithm off (TCP_NODELAY): TCP sends
+    /// its writes at once and keeps up with the redirect from smaller sizes on (0: the same
+    /// bound).
+    pub large_msg_bytes_nodelay: u32,
     /// Every unanswered window over loopback moves to TCP (TCP over `lo` beats the redirect
     /// for streams at every size).
     pub loopback_streams_tcp: bool,
@@ -199,6 +204,7 @@ impl Default for BypassConfig {
             exclude_ports: Vec::new(),
             small_msg_bytes: DEFAULT_SMALL_MSG_BYTES,
             large_msg_bytes: DEFAULT_LARGE_MSG_BYTES,
+            large_msg_bytes_nodelay: DEFAULT_LARGE_MSG_BYTES_NODELAY,
             loopback_streams_tcp: true,
             stream_streak: DEFAULT_STREAM_STREAK,
         }
@@ -412,6 +418,17 @@ impl Config {
                 &format!("0 (off) or more than bypass.small_msg_bytes ({small})"),
             ));
         }
+        let nodelay = self.bypass.large_msg_bytes_nodelay;
+        if nodelay != 0 && (nodelay <= small || (large != 0 && nodelay > large)) {
+            return Err(bad(
+                "bypass.large_msg_bytes_nodelay",
+                nodelay.to_string(),
+                &format!(
+                    "0 (as large_msg_bytes) or more than bypass.small_msg_bytes ({small}) and at \
+                     most bypass.large_msg_bytes ({large})"
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -594,6 +611,17 @@ mod tests {
         assert!(e.contains("more than bypass.small_msg_bytes (8192)"), "{e}");
         let e = err("[bypass]\nstream_streak = 0\n");
         assert!(e.contains("`bypass.stream_streak`"), "{e}");
+        for bad in [2048, 4096, 65536] {
+            let e = err(&format!("[bypass]\nlarge_msg_bytes_nodelay = {bad}\n"));
+            assert!(e.contains("`bypass.large_msg_bytes_nodelay`"), "{e}");
+            assert!(e.contains("at most bypass.large_msg_bytes (32768)"), "{e}");
+        }
+        let ok = parse("[bypass]\nlarge_msg_bytes_nodelay = 16384\n").unwrap();
+        assert_eq!(ok.bypass.large_msg_bytes_nodelay, 16384);
+        assert_eq!(
+            parse("").unwrap().bypass.large_msg_bytes_nodelay,
+            DEFAULT_LARGE_MSG_BYTES_NODELAY
+        );
         let off = parse("[bypass]\nsmall_msg_bytes = 0\nlarge_msg_bytes = 0\n").unwrap();
         assert_eq!(
             (off.bypass.small_msg_bytes, off.bypass.large_msg_bytes),

@@ -22,7 +22,6 @@ use serde::{Deserialize, Serialize};
 use super::btf;
 
 pub const PROGRAM: &str = "ql_adopt";
-const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdoptError {
@@ -55,7 +54,7 @@ pub struct AdoptionSummary {
 pub fn config() -> Option<AdoptConfig> {
     static CONFIG: OnceLock<Option<AdoptConfig>> = OnceLock::new();
     *CONFIG.get_or_init(|| {
-        let bytes = std::fs::read(VMLINUX_BTF).ok()?;
+        let bytes = std::fs::read(btf::VMLINUX).ok()?;
         let offsets =
             btf::member_offsets(&bytes, "sock_common", &["skc_v6_daddr", "skc_v6_rcv_saddr"]);
         // A kernel without IPv6 has neither member, and no IPv6 sockets to adopt.
@@ -63,7 +62,10 @@ pub fn config() -> Option<AdoptConfig> {
             Ok(o) => [o[0], o[1]],
             Err(btf::BtfError::NoMember { .. }) => [0, 0],
             Err(e) => {
-                tracing::warn!("{VMLINUX_BTF}: {e}; IPv6 sockets will not be adopted into pacing");
+                tracing::warn!(
+                    "{}: {e}; IPv6 sockets will not be adopted into pacing",
+                    btf::VMLINUX
+                );
                 [0, 0]
             }
         };

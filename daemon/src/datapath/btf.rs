@@ -1,7 +1,10 @@
-//! Byte offsets of named members of a kernel struct, read from the kernel's BTF
+//! Offsets of named members of a kernel struct, read from the kernel's BTF
 //! (`/sys/kernel/btf/vmlinux`): the one relocation CO-RE would do for us, which Rust BPF
 //! programs do not get. Members inside anonymous structs and unions are found too, as C
 //! code names them.
+
+/// The running kernel's BTF.
+pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BtfError {
@@ -112,8 +115,8 @@ impl<'a> Btf<'a> {
     }
 
     /// The bit offset of `member` in the struct or union `ty`, looking into anonymous
-    /// members; `Some(Err)` for a bitfield.
-    fn member_bits(&self, ty: Type, member: &[u8]) -> Result<Option<Result<u32, ()>>, BtfError> {
+    /// members, and whether it is a bitfield.
+    fn member_bits(&self, ty: Type, member: &[u8]) -> Result<Option<(u32, bool)>, BtfError> {
         for i in 0..ty.vlen {
             let at = ty.data + 12 * i;
             let (name, type_id, raw) = (
@@ -128,7 +131,7 @@ impl<'a> Btf<'a> {
             };
             if name != 0 {
                 if self.name(name) == member {
-                    return Ok(Some(if bitfield { Err(()) } else { Ok(bits) }));
+                    return Ok(Some((bits, bitfield)));
                 }
                 continue;
             }
@@ -136,24 +139,59 @@ impl<'a> Btf<'a> {
                 continue;
             };
             if matches!(inner.kind, KIND_STRUCT | KIND_UNION) {
-                if let Some(found) = self.member_bits(inner, member)? {
-                    return Ok(Some(found.map(|b| b + bits)));
+                if let Some((inner_bits, bitfield)) = self.member_bits(inner, member)? {
+                    return Ok(Some((inner_bits + bits, bitfield)));
                 }
             }
         }
         Ok(None)
+    }
+
+    fn strukt(&self, strukt: &str) -> Result<Type, BtfError> {
+        self.types
+            .iter()
+            .find(|t| t.kind == KIND_STRUCT && self.name(t.name) == strukt.as_bytes())
+            .copied()
+            .ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))
+    }
+}
+
+/// Where sk_msg finds a writer's `TCP_NAGLE_OFF`: the bit offset of `tcp_sock.nonagle` in
+/// this kernel, 0 when unknown (sk_msg then judges every writer as Nagle's; logged once).
+pub fn tcp_nonagle_bit() -> u32 {
+    static BIT: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *BIT.get_or_init(|| {
+        let found = std::fs::read(VMLINUX)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                member_bit_offset(&bytes, "tcp_sock", "nonagle").map_err(|e| e.to_string())
+            });
+        found.unwrap_or_else(|e| {
+            tracing::warn!(
+                "{VMLINUX}: {e}; TCP_NODELAY writers get bypass.large_msg_bytes, not \
+                 large_msg_bytes_nodelay"
+            );
+            0
+        })
+    })
+}
+
+/// The bit offset of `member` in `struct strukt`, bitfield or not.
+pub fn member_bit_offset(bytes: &[u8], strukt: &str, member: &str) -> Result<u32, BtfError> {
+    let btf = Btf::parse(bytes)?;
+    match btf.member_bits(btf.strukt(strukt)?, member.as_bytes())? {
+        Some((bits, _)) => Ok(bits),
+        None => Err(BtfError::NoMember {
+            strukt: strukt.to_owned(),
+            member: member.to_owned(),
+        }),
     }
 }
 
 /// The byte offset of each of `members` in `struct strukt`, in order.
 pub fn member_offsets(bytes: &[u8], strukt: &str, members: &[&str]) -> Result<Vec<u32>, BtfError> {
     let btf = Btf::parse(bytes)?;
-    let ty = btf
-        .types
-        .iter()
-        .find(|t| t.kind == KIND_STRUCT && btf.name(t.name) == strukt.as_bytes())
-        .copied()
-        .ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
+    let ty = btf.strukt(strukt)?;
     members
         .iter()
         .map(|&member| {
@@ -166,7 +204,7 @@ pub fn member_offsets(bytes: &[u8], strukt: &str, members: &[&str]) -> Result<Ve
                 }
             };
             match btf.member_bits(ty, member.as_bytes())? {
-                Some(Ok(bits)) if bits % 8 == 0 => Ok(bits / 8),
+                Some((bits, false)) if bits % 8 == 0 => Ok(bits / 8),
                 Some(_) => Err(err(true)),
                 None => Err(err(false)),
             }
@@ -248,6 +286,56 @@ mod tests {
             member_offsets(&cut, "s", &["a"]),
             Err(BtfError::Truncated(_))
         ));
+    }
+
+    #[test]
+    fn bitfields_have_a_bit_offset_but_no_byte_offset() {
+        let strings = b"\0u8\0t\0x\0flag\0";
+        let mut types = Vec::new();
+        let mut push = |words: &[u32]| words.iter().for_each(|w| types.extend(w.to_ne_bytes()));
+        // 1: u8 (INT, size 1, 8 bits); 2: struct t { u8 x; u8 flag: 4 } (kind_flag set)
+        push(&[1, 1 << 24, 1, 8]);
+        push(&[4, (1 << 31) | (KIND_STRUCT << 24) | 2, 2]);
+        push(&[6, 1, 0, 8, 1, (4 << 24) | 8]);
+        let mut out = Vec::new();
+        out.extend(MAGIC.to_ne_bytes());
+        out.extend([1u8, 0]);
+        for word in [
+            24,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
+            out.extend(word.to_ne_bytes());
+        }
+        out.extend(types);
+        out.extend(strings);
+        assert_eq!(member_bit_offset(&out, "t", "flag"), Ok(8));
+        assert_eq!(member_bit_offset(&out, "t", "x"), Ok(0));
+        assert!(matches!(
+            member_offsets(&out, "t", &["flag"]),
+            Err(BtfError::Bitfield { .. })
+        ));
+        assert!(matches!(
+            member_bit_offset(&out, "t", "nope"),
+            Err(BtfError::NoMember { .. })
+        ));
+    }
+
+    /// The running kernel's `tcp_sock` has the `nonagle` bits sk_msg reads, at a whole byte
+    /// (sk_msg tests the lowest bit, `TCP_NAGLE_OFF`).
+    #[test]
+    fn the_running_kernels_tcp_sock_has_nonagle() {
+        let Ok(bytes) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI needs the kernel's BTF"
+            );
+            return;
+        };
+        let bit = member_bit_offset(&bytes, "tcp_sock", "nonagle").unwrap();
+        assert!(bit > 0);
     }
 
     /// The running kernel's `sock_common` keeps the fields the adoption iterator reads at

@@ -101,6 +101,8 @@ static QL_SOCKOPS_CONFIG: SockopsConfig = SockopsConfig {
     qos_burst_ns: 0,
     large_msg_bytes: 0,
     qos_credit_ns: 0,
+    large_msg_bytes_nodelay: 0,
+    tcp_nonagle_bit: 0,
 };
 
 #[inline(always)]
@@ -129,10 +131,20 @@ pub fn stream_policy() -> StreamPolicy {
             large_bytes: core::ptr::read_volatile(core::ptr::addr_of!(
                 QL_SOCKOPS_CONFIG.large_msg_bytes
             )),
+            large_bytes_nodelay: core::ptr::read_volatile(core::ptr::addr_of!(
+                QL_SOCKOPS_CONFIG.large_msg_bytes_nodelay
+            )),
             streak: core::ptr::read_volatile(core::ptr::addr_of!(QL_SOCKOPS_CONFIG.stream_streak)),
             loopback: config_flags() & SOCKOPS_F_LOOPBACK_STREAMS_TCP != 0,
         }
     }
+}
+
+/// See `SockopsConfig::tcp_nonagle_bit`.
+#[inline(always)]
+pub fn tcp_nonagle_bit() -> u32 {
+    // SAFETY: as for `config_flags`.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!(QL_SOCKOPS_CONFIG.tcp_nonagle_bit)) }
 }
 
 /// See `SockopsConfig::qos_burst_ns`.

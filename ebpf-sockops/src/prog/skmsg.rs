@@ -1,6 +1,7 @@
 //! sk_msg: hand each message of an eligible connection to the peer socket's receive queue.
 use aya_ebpf::{
     bindings::{sk_action::SK_PASS, BPF_F_INGRESS, BPF_NOEXIST},
+    helpers::{bpf_probe_read_kernel, bpf_skc_to_tcp_sock},
     macros::sk_msg,
     programs::SkMsgContext,
 };
@@ -16,7 +17,9 @@ use quicklane_common::{
 use super::{
     charge,
     key::key_from_ctx,
-    maps::{count, rules_state, stream_policy, QL_FLOW_TRAFFIC, QL_META, QL_SOCKS},
+    maps::{
+        count, rules_state, stream_policy, tcp_nonagle_bit, QL_FLOW_TRAFFIC, QL_META, QL_SOCKS,
+    },
     rules::eligible,
 };
 
@@ -51,7 +54,7 @@ pub fn ql_sk_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: live element of a BPF_F_NO_PREALLOC hash; the fields we touch are either
     // atomic or hints where a lost update only delays a decision by one message.
     let peer_meta = unsafe { &mut *peer_meta };
-    if let Some(reason) = stream_for_tcp(&key, peer_meta, meta, ctx.size()) {
+    if let Some(reason) = stream_for_tcp(&ctx, &key, peer_meta, meta) {
         // Switching this direction to TCP is safe at any time: the bytes already redirected
         // sit in the peer's redirect queue, which its reads drain before the TCP queue.
         count(reason, 1);
@@ -140,11 +143,12 @@ fn eligible_now(key: &SockKey, meta: &mut SockMeta) -> bool {
 /// it starts our next window; a full window the redirect carries better starts one too.
 #[inline(always)]
 fn stream_for_tcp(
+    ctx: &SkMsgContext,
     key: &SockKey,
     peer: &mut SockMeta,
     meta: &mut SockMeta,
-    size: u32,
 ) -> Option<u32> {
+    let size = ctx.size();
     // Only when set: on a one-way stream this would otherwise store into the peer's value
     // from the sender's CPU on every message. The two counters move together, so a zero
     // count means zero bytes.
@@ -158,7 +162,14 @@ fn stream_for_tcp(
     if meta.unanswered < policy.streak {
         return None;
     }
-    let kind = policy.judge(meta.unanswered, meta.unanswered_bytes, key.is_loopback());
+    // Read once per window, not per message: only the large-stream bound depends on it.
+    let nodelay = policy.large_bytes_nodelay != 0 && nagle_off(ctx);
+    let kind = policy.judge(
+        meta.unanswered,
+        meta.unanswered_bytes,
+        key.is_loopback(),
+        nodelay,
+    );
     meta.unanswered = 0;
     meta.unanswered_bytes = 0;
     Some(match kind? {
@@ -166,6 +177,26 @@ fn stream_for_tcp(
         StreamKind::Large => c::CONN_DEMOTED_LARGE,
         StreamKind::Loopback => c::CONN_DEMOTED_LOOPBACK,
     })
+}
+
+/// Whether the writer turned Nagle's algorithm off (TCP_NODELAY). sk_msg has no getsockopt,
+/// so the bit is read from the socket itself, where the kernel's BTF puts it; false where
+/// that is unknown.
+#[inline(always)]
+fn nagle_off(ctx: &SkMsgContext) -> bool {
+    let bit = tcp_nonagle_bit();
+    if bit == 0 {
+        return false;
+    }
+    // SAFETY: `sk` of the live sk_msg context; the helper checks it is a TCP socket.
+    let tp = unsafe { bpf_skc_to_tcp_sock((*ctx.msg).__bindgen_anon_3.sk.cast()) };
+    if tp.is_null() {
+        return false;
+    }
+    // SAFETY: a byte inside the tcp_sock (the offset comes from this kernel's BTF), read
+    // through the fault-safe helper.
+    let byte = unsafe { bpf_probe_read_kernel(tp.cast::<u8>().add((bit / 8) as usize)) };
+    byte.is_ok_and(|b| (b >> (bit % 8)) & 1 != 0)
 }
 
 #[inline(always)]
