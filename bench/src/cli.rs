@@ -162,6 +162,23 @@ fn summary(results: &Results, out: &Path, written: &[PathBuf]) -> String {
         results.ratios.len(),
         results.wall_seconds
     );
+    // The metric, size and value columns of a ratio's line.
+    let columns = |r: &crate::results::Ratio, unit: &str| {
+        format!(
+            "{:<40} {:>7} {:>8}{unit:<3}",
+            r.metric,
+            r.msg_size
+                .map_or_else(String::new, crate::results::size_label),
+            crate::report::markdown::num(r.value),
+        )
+    };
+    let target = |r: &crate::results::Ratio| {
+        format!(
+            "{} {}",
+            r.better.symbol(),
+            crate::report::markdown::num(r.target)
+        )
+    };
     for r in &results.ratios {
         // Ratios read "0.45x"; checks of absolute values carry their unit ("12 ms").
         let unit = r
@@ -170,14 +187,10 @@ fn summary(results: &Results, out: &Path, written: &[PathBuf]) -> String {
             .map_or_else(|| "x".to_owned(), |u| format!(" {u}"));
         let _ = writeln!(
             s,
-            "  {:<4} {:<40} {:>7} {:>8}{unit:<3}  ({} {}{unit})",
+            "  {:<4} {}  ({}{unit})",
             if r.met { "ok" } else { "MISS" },
-            r.metric,
-            r.msg_size
-                .map_or_else(String::new, crate::results::size_label),
-            crate::report::markdown::num(r.value),
-            r.better.symbol(),
-            crate::report::markdown::num(r.target),
+            columns(r, &unit),
+            target(r),
         );
     }
     if !results.references.is_empty() {
@@ -186,14 +199,9 @@ fn summary(results: &Results, out: &Path, written: &[PathBuf]) -> String {
     for r in &results.references {
         let _ = writeln!(
             s,
-            "  {:<4} {:<40} {:>7} {:>8}x    (the target {} {} is {}reachable by AF_UNIX)",
-            "ref",
-            r.metric,
-            r.msg_size
-                .map_or_else(String::new, crate::results::size_label),
-            crate::report::markdown::num(r.value),
-            r.better.symbol(),
-            crate::report::markdown::num(r.target),
+            "  ref  {}  (the target {} is {}reachable by AF_UNIX)",
+            columns(r, "x"),
+            target(r),
             if r.met { "" } else { "not " },
         );
     }

@@ -10,7 +10,7 @@ use clap::Parser;
 use quicklane_bench::load::checksum::{Checksum, Digest};
 use quicklane_bench::load::cli::{run_with_output, LoadgenArgs};
 use quicklane_bench::load::client::{self, ClientOptions};
-use quicklane_bench::load::report::{ServerConnReport, ServerReport};
+use quicklane_bench::load::report::{ServerConnReport, ServerReport, StreamReport};
 use quicklane_bench::load::server::{Server, ServerOptions, Service, STREAM_READ_SIZE};
 use quicklane_bench::load::{
     parse_listening, parse_report, Check, Endpoint, Error, Mode, Report, SizeRange,
@@ -610,21 +610,22 @@ fn connect_mode_over_a_unix_socket_is_refused_on_both_ends() {
     assert!(!dir.0.join("s.sock").exists());
 }
 
-#[test]
-fn length_checked_streams_count_every_byte_without_hashing() {
+/// One stream of `size`-byte writes, checked by `check`, to a server that only counts.
+fn stream_to_a_counting_server(size: usize, check: Check) -> (StreamReport, ServerReport) {
     let (addr, server) = start_server(
         V4,
         Service::Stream(Check::Length),
         Duration::from_secs(20),
         Some(1),
     );
-    let report = client::stream(
-        &client_opts(&addr, 1, 200),
-        SizeRange::fixed(65536),
-        Check::Length,
-    )
-    .unwrap();
-    let server = server.join().unwrap().unwrap();
+    let report =
+        client::stream(&client_opts(&addr, 1, 150), SizeRange::fixed(size), check).unwrap();
+    (report, server.join().unwrap().unwrap())
+}
+
+#[test]
+fn length_checked_streams_count_every_byte_without_hashing() {
+    let (report, server) = stream_to_a_counting_server(65536, Check::Length);
     assert!(report.checksum_ok, "{report:?}");
     assert_eq!(report.check, Check::Length);
     assert_eq!(server.bytes, report.bytes);
@@ -634,19 +635,7 @@ fn length_checked_streams_count_every_byte_without_hashing() {
 
 #[test]
 fn a_length_only_server_cannot_vouch_for_a_checksum() {
-    let (addr, server) = start_server(
-        V4,
-        Service::Stream(Check::Length),
-        Duration::from_secs(20),
-        Some(1),
-    );
-    let report = client::stream(
-        &client_opts(&addr, 1, 100),
-        SizeRange::fixed(4096),
-        Check::Checksum,
-    )
-    .unwrap();
-    server.join().unwrap().unwrap();
+    let (report, _) = stream_to_a_counting_server(4096, Check::Checksum);
     assert!(!report.checksum_ok, "{report:?}");
 }
 

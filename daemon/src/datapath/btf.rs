@@ -238,6 +238,11 @@ mod tests {
         // 3: struct s { a; <2>; d; }
         push(&[name("s"), (KIND_STRUCT << 24) | 3, 12]);
         push(&[name("a"), 1, 0, 0, 2, 32, name("d"), 1, 64]);
+        assemble(&types, strings)
+    }
+
+    /// A BTF blob of these type records and strings.
+    fn assemble(types: &[u8], strings: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend(MAGIC.to_ne_bytes());
         out.extend([1u8, 0]);
@@ -297,20 +302,7 @@ mod tests {
         push(&[1, 1 << 24, 1, 8]);
         push(&[4, (1 << 31) | (KIND_STRUCT << 24) | 2, 2]);
         push(&[6, 1, 0, 8, 1, (4 << 24) | 8]);
-        let mut out = Vec::new();
-        out.extend(MAGIC.to_ne_bytes());
-        out.extend([1u8, 0]);
-        for word in [
-            24,
-            0,
-            types.len() as u32,
-            types.len() as u32,
-            strings.len() as u32,
-        ] {
-            out.extend(word.to_ne_bytes());
-        }
-        out.extend(types);
-        out.extend(strings);
+        let out = assemble(&types, strings);
         assert_eq!(member_bit_offset(&out, "t", "flag"), Ok(8));
         assert_eq!(member_bit_offset(&out, "t", "x"), Ok(0));
         assert!(matches!(
