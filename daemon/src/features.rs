@@ -35,10 +35,11 @@ pub enum Feature {
     AfXdp,
     SchFq,
     Netkit,
+    KernelBtf,
 }
 
 impl Feature {
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::ProgSockOps,
         Self::ProgSkMsg,
         Self::ProgSchedCls,
@@ -52,6 +53,7 @@ impl Feature {
         Self::AfXdp,
         Self::SchFq,
         Self::Netkit,
+        Self::KernelBtf,
     ];
 
     /// What it is, in the words an operator reads in `quicklane features`.
@@ -70,6 +72,7 @@ impl Feature {
             Self::AfXdp => "AF_XDP sockets",
             Self::SchFq => "sch_fq qdisc",
             Self::Netkit => "netkit devices",
+            Self::KernelBtf => "kernel BTF with tcp_sock.nonagle",
         }
     }
 
@@ -84,6 +87,9 @@ impl Feature {
             Self::LinkXdp => "vm fast path (pinned attachments)",
             Self::SchFq => "qos: EDT pacing (timestamps need fq to be honoured)",
             Self::Netkit => "netkit pod interfaces",
+            Self::KernelBtf => {
+                "bypass: the TCP_NODELAY stream bound; qos: adopting IPv6 connections"
+            }
         }
     }
 }
@@ -249,6 +255,7 @@ impl Features {
         record(Feature::AfXdp, af_xdp());
         record(Feature::SchFq, in_netns.fq);
         record(Feature::Netkit, in_netns.netkit);
+        record(Feature::KernelBtf, kernel_btf());
         features.sort_by_key(|p| p.feature);
 
         let helpers = HELPERS
@@ -349,6 +356,25 @@ fn af_xdp() -> Support {
         },
         Err(e) => Support::ProbeFailed {
             error: e.to_string(),
+        },
+    }
+}
+
+/// The kernel's BTF, and in it the member sk_msg reads a writer's TCP_NODELAY from.
+fn kernel_btf() -> Support {
+    use crate::datapath::btf;
+    match std::fs::read(btf::VMLINUX) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Support::Missing {
+            reason: format!("no {}: the kernel was built without BTF", btf::VMLINUX),
+        },
+        Err(e) => Support::ProbeFailed {
+            error: format!("reading {}: {e}", btf::VMLINUX),
+        },
+        Ok(bytes) => match btf::member_bit_offset(&bytes, "tcp_sock", "nonagle") {
+            Ok(_) => Support::Available,
+            Err(e) => Support::Missing {
+                reason: format!("{}: {e}", btf::VMLINUX),
+            },
         },
     }
 }

@@ -2,7 +2,7 @@
 //! the pin directory, and re-adopting pins a previous agent left behind.
 pub mod adopt;
 mod attach;
-mod btf;
+pub(crate) mod btf;
 mod fq;
 pub mod legacy;
 mod objects;
