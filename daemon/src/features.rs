@@ -370,7 +370,7 @@ fn kernel_btf() -> Support {
         Err(e) => Support::ProbeFailed {
             error: format!("reading {}: {e}", btf::VMLINUX),
         },
-        Ok(bytes) => match btf::member_bit_offset(&bytes, "tcp_sock", "nonagle") {
+        Ok(bytes) => match btf::nonagle_bit(&bytes) {
             Ok(_) => Support::Available,
             Err(e) => Support::Missing {
                 reason: format!("{}: {e}", btf::VMLINUX),

@@ -240,6 +240,22 @@ impl Transport {
             Self::Unix => "unix",
         }
     }
+
+    /// Where pod1's server of this transport listens; a TCP port names its AF_UNIX twin too.
+    fn endpoint(self, node: &Node, port: u16) -> String {
+        match self {
+            Self::Tcp => format!("[::]:{port}"),
+            Self::Unix => format!("unix:{}", unix_socket(node, port).display()),
+        }
+    }
+
+    /// What pod0's client connects to.
+    fn client_endpoint(self, node: &Node, port: u16) -> String {
+        match self {
+            Self::Tcp => format!("{}:{port}", node.pod(1).ipv4()),
+            Self::Unix => self.endpoint(node, port),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -518,7 +534,7 @@ impl Bench<'_> {
                 .chain(["--duration", lifetime.as_str()])
                 .map(String::from)
                 .collect();
-            let socket = sockets.join(unix_name(port));
+            let socket = unix_socket(self.node, port);
             let at = match via {
                 Transport::Tcp => Listen::Port(port),
                 Transport::Unix => Listen::Unix(&socket),
@@ -891,32 +907,15 @@ fn endpoints(node: &Node, path: Path) -> (Place<'_>, IpAddr) {
     }
 }
 
-impl Transport {
-    /// Where pod1's server of this transport listens; a TCP port names its AF_UNIX twin too.
-    fn endpoint(self, node: &Node, port: u16) -> String {
-        match self {
-            Self::Tcp => format!("[::]:{port}"),
-            Self::Unix => format!("unix:{}", unix_dir(node).join(unix_name(port)).display()),
-        }
-    }
-
-    /// What pod0's client connects to.
-    fn client_endpoint(self, node: &Node, port: u16) -> String {
-        match self {
-            Self::Tcp => format!("{}:{port}", node.pod(1).ipv4()),
-            Self::Unix => self.endpoint(node, port),
-        }
-    }
-}
-
 /// The AF_UNIX servers' directory: inside the node's run directory, which teardown removes;
 /// pods share the host's filesystem, so both ends reach it.
 fn unix_dir(node: &Node) -> std::path::PathBuf {
     node.run_dir().join("sockets")
 }
 
-fn unix_name(port: u16) -> String {
-    format!("{port}.sock")
+/// The AF_UNIX twin of the TCP server on `port`.
+fn unix_socket(node: &Node, port: u16) -> std::path::PathBuf {
+    unix_dir(node).join(format!("{port}.sock"))
 }
 
 fn bad(what: &str, problem: String) -> Error {

@@ -163,9 +163,7 @@ pub fn tcp_nonagle_bit() -> u32 {
     *BIT.get_or_init(|| {
         let found = std::fs::read(VMLINUX)
             .map_err(|e| e.to_string())
-            .and_then(|bytes| {
-                member_bit_offset(&bytes, "tcp_sock", "nonagle").map_err(|e| e.to_string())
-            });
+            .and_then(|bytes| nonagle_bit(&bytes).map_err(|e| e.to_string()));
         found.unwrap_or_else(|e| {
             tracing::warn!(
                 "{VMLINUX}: {e}; TCP_NODELAY writers get bypass.large_msg_bytes, not \
@@ -174,6 +172,11 @@ pub fn tcp_nonagle_bit() -> u32 {
             0
         })
     })
+}
+
+/// The bit offset of `tcp_sock.nonagle` in a kernel's BTF.
+pub fn nonagle_bit(bytes: &[u8]) -> Result<u32, BtfError> {
+    member_bit_offset(bytes, "tcp_sock", "nonagle")
 }
 
 /// The bit offset of `member` in `struct strukt`, bitfield or not.
@@ -326,7 +329,7 @@ mod tests {
             );
             return;
         };
-        let bit = member_bit_offset(&bytes, "tcp_sock", "nonagle").unwrap();
+        let bit = nonagle_bit(&bytes).unwrap();
         assert!(bit > 0);
     }
 
