@@ -580,6 +580,14 @@ pub fn write_agent_config(node: &Node) -> Result<PathBuf, Error> {
     Ok(path)
 }
 
+/// The first two CPUs this process may run on, for a measurement that keeps its client on
+/// one and its server on the other (`loadgen --cpu`); `None` with fewer than two.
+pub fn two_cpus() -> Option<[usize; 2]> {
+    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
+    let mut cpus = (0..nix::sched::CpuSet::count()).filter(|&c| allowed.is_set(c).unwrap_or(false));
+    Some([cpus.next()?, cpus.next()?])
+}
+
 /// Fails early, before anything is built, if a tool is not on PATH.
 pub fn require_tools(tools: &[&str]) -> Result<(), Error> {
     let path = std::env::var_os("PATH").unwrap_or_default();

@@ -7,6 +7,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use nix::sched::{sched_getaffinity, CpuSet};
+use nix::unistd::Pid;
 use quicklane_bench::load::checksum::{Checksum, Digest};
 use quicklane_bench::load::cli::{run_with_output, LoadgenArgs};
 use quicklane_bench::load::client::{self, ClientOptions};
@@ -272,6 +274,48 @@ fn connect_rate_v4() {
 #[test]
 fn connect_rate_v6() {
     connect_rate(V6, false);
+}
+
+#[test]
+fn a_pinned_client_runs_on_its_cpu_alone() {
+    let allowed = sched_getaffinity(Pid::from_raw(0)).unwrap();
+    let cpu = (0..CpuSet::count())
+        .find(|&c| allowed.is_set(c).unwrap())
+        .unwrap();
+    let (addr, server) = start_server(
+        V4,
+        Service::Connect { hello: false },
+        Duration::from_secs(1),
+        None,
+    );
+    let args = LoadgenArgs::try_parse_from([
+        "loadgen",
+        "client",
+        "--connect",
+        &addr.to_string(),
+        "--mode",
+        "connect",
+        "--duration",
+        "0.2",
+        "--conns",
+        "2",
+        "--cpu",
+        &cpu.to_string(),
+    ])
+    .unwrap();
+    let mut out = Vec::new();
+    // The test's own thread runs the client and is pinned with it; it ends with the test.
+    run_with_output(args, &mut out).unwrap();
+    server.join().unwrap().unwrap();
+    let Report::Connect(report) = parse_report(std::str::from_utf8(&out).unwrap()).unwrap() else {
+        panic!("not a connect report");
+    };
+    assert!(report.connects > 0 && report.errors == 0, "{report:?}");
+    let now = sched_getaffinity(Pid::from_raw(0)).unwrap();
+    let on: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| now.is_set(c).unwrap())
+        .collect();
+    assert_eq!(on, [cpu]);
 }
 
 #[test]

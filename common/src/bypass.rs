@@ -22,11 +22,11 @@ pub const META_F_SENT: u32 = 64;
 /// closed without a single message either way is idle: connections that never carry data
 /// gain nothing from the bypass and would pay for a psock each (the kernel allocates it at
 /// establishment and frees it through RCU and a workqueue at close, about a quarter of the
-/// cost of a short connection). New connections to an idle service take the normal path,
-/// except one in `IDLE_PROBE_EVERY`, which is still tracked so a service that starts carrying
-/// data is seen within a few connections and accelerated again.
+/// cost of a short connection). New connections to an idle service take the normal path;
+/// one in `IDLE_PROBE_EVERY` of them (by socket cookie) asks for its close, and if it
+/// carried data the service is woken: its next connections are tracked again.
 pub const IDLE_STREAK: u32 = 8;
-pub const IDLE_PROBE_EVERY: u32 = 16;
+pub const IDLE_PROBE_EVERY: u32 = 4;
 
 /// When an unanswered stream moves from the redirect to TCP. A redirect costs one queued
 /// message, one reader wakeup and the reader's socket lock per message: TCP beats it on

@@ -53,6 +53,7 @@ pub mod sockops {
         CONN_DEMOTED_LARGE = 26: "conn_demoted_large_msgs",
         CONN_DEMOTED_LOOPBACK = 27: "conn_demoted_loopback_stream",
         CONN_ADOPTED = 28: "conn_adopted",
+        IDLE_SERVICE_WOKE = 29: "idle_service_woke",
     });
 }
 

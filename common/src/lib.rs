@@ -16,7 +16,7 @@ pub mod sock;
 
 /// Bumped whenever a shared layout or a load-time global changes meaning, so a daemon never
 /// adopts pins written by an incompatible datapath.
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 /// Load-time settings of the sock_ops/sk_msg object (`QL_SOCKOPS_CONFIG` global).
 #[repr(C)]

@@ -1,7 +1,9 @@
 //! Quick interleaved A/B of the bypass on a simulated node: connect rate, 64 B request/response
 //! latency and stream throughput (64 KiB writes, or `--stream-size N`; the server reads
-//! 256 KiB at a time, or `--read-size N`; `--nagle` leaves Nagle's algorithm on), pod to pod, without the agent ("base") and with one
-//! or more agent binaries (variants of the datapath), in an order rotated every repetition.
+//! 256 KiB at a time, or `--read-size N`; `--nagle` leaves Nagle's algorithm on), pod to pod,
+//! without the agent ("base") and with one or more agent binaries (variants of the datapath),
+//! in an order rotated every repetition. `--pin` keeps the client on CPU 0 and the servers on
+//! CPU 1.
 //!
 //! ```sh
 //! cargo build --release -p quicklane --examples --ignore-rust-version
@@ -41,6 +43,9 @@ struct Args {
     /// Streams leave Nagle's algorithm on, as qperf does (the load generator sets
     /// TCP_NODELAY by default, as Envoy and gRPC do).
     nagle: bool,
+    /// Client on CPU 0, servers on CPU 1 (`loadgen --cpu`): the scheduler's placement of
+    /// the two ends is the largest source of run-to-run spread in the connect rate.
+    pin: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -58,6 +63,7 @@ fn parse_args() -> Result<Args> {
         stream_size: 65536,
         read_size: None,
         nagle: false,
+        pin: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -69,6 +75,7 @@ fn parse_args() -> Result<Args> {
             "--stream-size" => args.stream_size = val()?.parse()?,
             "--read-size" => args.read_size = Some(val()?.parse()?),
             "--nagle" => args.nagle = true,
+            "--pin" => args.pin = true,
             "--tests" => args.tests = val()?.split(',').map(str::to_owned).collect(),
             "--loadgen" => args.loadgen = val()?.into(),
             "--no-base" => {
@@ -160,6 +167,15 @@ impl Agent {
     }
 }
 
+/// `--cpu` for one end (0: the client, 1: the servers) with `--pin`.
+fn pinned(args: &Args, end: usize) -> Vec<String> {
+    if args.pin {
+        vec!["--cpu".into(), end.to_string()]
+    } else {
+        Vec::new()
+    }
+}
+
 fn cgroup_usage_us(node: &Node) -> Result<u64> {
     let text = std::fs::read_to_string(node.cgroup_dir().join("cpu.stat"))?;
     text.lines()
@@ -201,6 +217,7 @@ fn run_test(node: &Node, args: &Args, test: &str) -> Result<(f64, f64)> {
         .arg(format!("{peer}:{port}"))
         .args(["--duration", &args.secs.to_string()])
         .args(&extra)
+        .args(pinned(args, 0))
         .stderr(Stdio::inherit())
         .output()?;
     if !out.status.success() {
@@ -262,6 +279,7 @@ fn main() -> Result<()> {
         cmd.args(["loadgen", "server", "--listen", &format!("[::]:{port}")])
             .args(mode)
             .args(["--duration", lifetime])
+            .args(pinned(&args, 1))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let p = node.pod(1).spawn(&mut cmd)?;

@@ -4,6 +4,10 @@ use std::io::{self, Write};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use nix::{
+    sched::{sched_setaffinity, CpuSet},
+    unistd::Pid,
+};
 use serde::Serialize;
 
 use super::client::{self, ClientOptions};
@@ -80,6 +84,11 @@ pub struct ServerArgs {
         value_parser = clap::value_parser!(u32).range(1..=timeline::MAX_BUCKETS as i64)
     )]
     pub timeline_buckets: Option<u32>,
+
+    /// Run on this CPU only: a measurement whose two ends the scheduler may place on one
+    /// CPU or on two between runs spreads far wider than the effects it is after.
+    #[arg(long, value_name = "CPU")]
+    pub cpu: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -138,6 +147,11 @@ pub struct ClientArgs {
     /// Keep retrying the first connect this long while the server comes up.
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
     pub connect_retry: Duration,
+
+    /// Run on this CPU only: a measurement whose two ends the scheduler may place on one
+    /// CPU or on two between runs spreads far wider than the effects it is after.
+    #[arg(long, value_name = "CPU")]
+    pub cpu: Option<usize>,
 }
 
 /// Runs the load generator, printing its JSON lines to stdout.
@@ -157,6 +171,7 @@ pub fn run_with_output(args: LoadgenArgs, out: &mut impl Write) -> Result<(), Er
 }
 
 fn serve(args: &ServerArgs, out: &mut impl Write) -> Result<(), Error> {
+    pin(args.cpu)?;
     let service = match args.mode {
         Mode::Stream => Service::Stream(args.check),
         _ if args.check != Check::Checksum => {
@@ -196,6 +211,7 @@ fn serve(args: &ServerArgs, out: &mut impl Write) -> Result<(), Error> {
 }
 
 fn drive(args: &ClientArgs, out: &mut impl Write) -> Result<(), Error> {
+    pin(args.cpu)?;
     let opts = ClientOptions {
         peer: args.connect.clone(),
         conns: args.conns,
@@ -254,6 +270,17 @@ fn drive(args: &ClientArgs, out: &mut impl Write) -> Result<(), Error> {
             &Report::Connect(client::connect(&opts, args.max_connects, args.hello)?),
         ),
     }
+}
+
+/// Keeps this thread, and the threads it starts from here on, on `cpu`.
+fn pin(cpu: Option<usize>) -> Result<(), Error> {
+    let Some(cpu) = cpu else {
+        return Ok(());
+    };
+    let mut set = CpuSet::new();
+    set.set(cpu)
+        .and_then(|()| sched_setaffinity(Pid::from_raw(0), &set))
+        .map_err(|source| Error::Pin { cpu, source })
 }
 
 fn emit(out: &mut impl Write, line: &impl Serialize) -> Result<(), Error> {
@@ -418,6 +445,29 @@ mod tests {
             ],
         ] {
             assert!(parse(args).is_err(), "{args:?} accepted");
+        }
+    }
+
+    #[test]
+    fn a_cpu_the_process_cannot_have_is_refused_before_anything_starts() {
+        let cpu = CpuSet::count().to_string();
+        for args in [
+            &["server", "--listen", "127.0.0.1:0", "--cpu", &cpu][..],
+            &[
+                "client",
+                "--connect",
+                "127.0.0.1:9",
+                "--mode",
+                "connect",
+                "--cpu",
+                &cpu,
+            ],
+        ] {
+            let mut out = Vec::new();
+            let err = run_with_output(parse(args).unwrap(), &mut out).unwrap_err();
+            assert!(matches!(err, Error::Pin { .. }), "{args:?}: {err}");
+            assert!(err.to_string().contains(&format!("CPU {cpu}")), "{err}");
+            assert!(out.is_empty(), "nothing was reported");
         }
     }
 

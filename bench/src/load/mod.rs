@@ -165,6 +165,13 @@ pub enum Error {
 
     #[error("writing loadgen output failed: {0}")]
     Output(#[source] io::Error),
+
+    #[error("keeping the load generator on CPU {cpu} failed: {source}")]
+    Pin {
+        cpu: usize,
+        #[source]
+        source: nix::Error,
+    },
 }
 
 #[cfg(test)]

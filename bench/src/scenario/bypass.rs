@@ -409,6 +409,9 @@ struct Bench<'a> {
     node: &'a Node,
     outside: &'a OutsideCgroup,
     rec: Recorder,
+    /// Client and server CPUs of the connect step: placed by the scheduler, the two ends
+    /// share a CPU in some runs and not in others, which spread the rate by +-10 %.
+    connect_cpus: Option<[usize; 2]>,
 }
 
 pub fn run(plan: &Plan, ctx: &Context) -> Result<Results, Error> {
@@ -423,12 +426,14 @@ pub fn run(plan: &Plan, ctx: &Context) -> Result<Results, Error> {
     ]);
     let node = Node::new(2)?;
     let outside = OutsideCgroup::create(&node)?;
+    let connect_cpus = testbed::two_cpus();
     let mut bench = Bench {
         ctx,
         plan,
         node: &node,
         outside: &outside,
         rec: Recorder::new(&ctx.out_dir)?,
+        connect_cpus,
     };
     let progress = Progress::new(plan.estimate(), plan.reps * plan.steps_per_rep());
     let outcome = bench.measure(progress);
@@ -449,10 +454,18 @@ pub fn run(plan: &Plan, ctx: &Context) -> Result<Results, Error> {
             host.loadavg[0], host.cpus
         ));
     }
+    let mut settings = plan.settings(&ctx.command_line);
+    settings.params.insert(
+        "connect_cpus".into(),
+        connect_cpus.map_or_else(
+            || "not pinned (fewer than two CPUs)".into(),
+            |[client, server]| format!("client on CPU {client}, server on CPU {server}"),
+        ),
+    );
     Ok(Results {
         scenario: "bypass".into(),
         profile: plan.profile.name().into(),
-        settings: plan.settings(&ctx.command_line),
+        settings,
         host,
         wall_seconds: wall,
         results,
@@ -527,13 +540,16 @@ impl Bench<'_> {
                 "loadgen-stream-unix-server",
             ),
         ] {
-            let args: Vec<String> = ["loadgen", "server", "--listen"]
+            let mut args: Vec<String> = ["loadgen", "server", "--listen"]
                 .into_iter()
                 .chain([via.endpoint(self.node, port).as_str()])
                 .chain(mode.iter().copied())
                 .chain(["--duration", lifetime.as_str()])
                 .map(String::from)
                 .collect();
+            if let (CONNECT_PORT, Some([_, cpu])) = (port, self.connect_cpus) {
+                args.extend(["--cpu".into(), cpu.to_string()]);
+            }
             let socket = unix_socket(self.node, port);
             let at = match via {
                 Transport::Tcp => Listen::Port(port),
@@ -830,12 +846,15 @@ impl Bench<'_> {
     }
 
     fn connect(&mut self, mode: Mode, rep: usize) -> Result<Vec<Sample>, Error> {
-        let args = self.loadgen_args(
+        let mut args = self.loadgen_args(
             Transport::Tcp,
             CONNECT_PORT,
             "connect",
             self.plan.loadgen_secs,
         );
+        if let Some([cpu, _]) = self.connect_cpus {
+            args.extend(["--cpu".into(), cpu.to_string()]);
+        }
         let timeout = self.timeout(&Step::Connect);
         let Report::Connect(report) = self.loadgen(mode, Some(rep), &args, timeout)? else {
             return Err(bad("loadgen connect", "not a connect report".into()));

@@ -81,13 +81,15 @@ fn established(ctx: &SockOpsContext, active: bool, bypass: bool) {
 }
 
 fn on_connect(ctx: &SockOpsContext) {
-    // SAFETY: helper on the live sock_ops context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // A connection to an idle service is decided here, where it costs least: it gets no
     // origin, which establishment reads as "skip" (see `skipped_at_connect`).
-    if key_from_ctx!(ctx.ops).is_some_and(|key| idle_service(&key, cookie, IDLE_STREAK)) {
+    if key_from_ctx!(ctx.ops)
+        .is_some_and(|key| service_streak(&service_of(&key, true)) >= IDLE_STREAK)
+    {
         return;
     }
+    // SAFETY: helper on the live sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     let _ = QL_ORIGINS.insert(&cookie, &current_origin(), 0);
 }
 
@@ -105,13 +107,13 @@ fn on_listen(ctx: &SockOpsContext) {
 }
 
 /// `Err(())`: the connection was skipped at connect() (idle service).
-fn origin(ctx: &SockOpsContext, active: bool) -> Result<Option<Origin>, ()> {
+fn origin(ctx: &SockOpsContext, key: &SockKey, active: bool) -> Result<Option<Origin>, ()> {
     if active {
         // SAFETY: helper on the live sock_ops context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         // SAFETY: the value is copied out before the entry is removed.
         let Some(found) = unsafe { QL_ORIGINS.get(&cookie) }.copied() else {
-            return if skipped_at_connect(ctx, cookie) {
+            return if skipped_at_connect(key) {
                 Err(())
             } else {
                 Ok(None)
@@ -125,34 +127,48 @@ fn origin(ctx: &SockOpsContext, active: bool) -> Result<Option<Origin>, ()> {
     }
 }
 
-/// A client socket without an origin was skipped at connect() if its service is known and
-/// it is not a probe. (Also true of the odd connection whose origin the LRU evicted, or that
-/// started before the agent: skipping is always safe, it is the normal path.)
+/// A client socket without an origin whose service is known was skipped at connect(): its
+/// service was idle then, and a connection that carried data has woken it since. (Also true
+/// of the odd connection whose origin the LRU evicted, or that started before the agent:
+/// skipping is always safe, it is the normal path.)
 #[inline(always)]
-fn skipped_at_connect(ctx: &SockOpsContext, cookie: u64) -> bool {
-    key_from_ctx!(ctx.ops).is_some_and(|key| idle_service(&key, cookie, 0))
+fn skipped_at_connect(key: &SockKey) -> bool {
+    // SAFETY: existence check only.
+    unsafe { QL_SERVICES.get(&service_of(key, true)) }.is_some()
 }
 
 #[inline(never)]
 fn on_established(ctx: &SockOpsContext, active: bool, paced: bool) {
+    let Some(mut key) = key_from_ctx!(ctx.ops) else {
+        count(c::SOCK_SKIPPED_FAMILY, 1);
+        return;
+    };
+    // An idle service first: the check is a small, hot table, and for the connect-and-close
+    // clients it exists for it is the only one (no origin lookup, no peer lookup in the
+    // sockhash-sized QL_META, whose buckets miss the cache on every new connection).
+    if service_streak(&service_of(&key, active)) >= IDLE_STREAK {
+        if active {
+            count(c::CONN_IDLE_SERVICE, 1);
+            observe_idle_client(ctx);
+        } else {
+            count(c::CONN_PEER_NOT_LOCAL, 1);
+        }
+        return;
+    }
     // The active side is established (and tracked, if local and eligible) before the passive
     // side sees the final ACK; a server whose client is not tracked has nobody to bypass to.
     // Checked first: it is the cheapest way out for the server end of every connection the
-    // client end skipped (ineligible, idle service, not local).
-    if !active {
-        if let Some(key) = key_from_ctx!(ctx.ops) {
-            // SAFETY: existence check only.
-            if unsafe { QL_META.get(&key.peer()) }.is_none() {
-                count(c::CONN_PEER_NOT_LOCAL, 1);
-                return;
-            }
-        }
+    // client end skipped (ineligible, not local).
+    // SAFETY: existence check only.
+    if !active && unsafe { QL_META.get(&key.peer()) }.is_none() {
+        count(c::CONN_PEER_NOT_LOCAL, 1);
+        return;
     }
     // No origin: the listener was opened (or the connect started) before the agent attached,
     // the usual case for servers already running when the agent starts or restarts. The
     // socket is still accelerated, as pod "unknown" (cgroup 0): cgroup include rules cannot
     // admit it, cgroup exclude rules cannot catch it.
-    let Ok(origin) = origin(ctx, active) else {
+    let Ok(origin) = origin(ctx, &key, active) else {
         count(c::CONN_IDLE_SERVICE, 1);
         return;
     };
@@ -160,10 +176,6 @@ fn on_established(ctx: &SockOpsContext, active: bool, paced: bool) {
         count(c::CONN_NO_ORIGIN, 1);
         Origin::default()
     });
-    let Some(mut key) = key_from_ctx!(ctx.ops) else {
-        count(c::SOCK_SKIPPED_FAMILY, 1);
-        return;
-    };
     let meta = SockMeta {
         cgroup_id: origin.cgroup_id,
         rule_cgroup: origin.rule_cgroup,
@@ -233,30 +245,74 @@ fn service_of(key: &SockKey, active: bool) -> ServiceKey {
     }
 }
 
-/// Whether a new client connection to this service skips the bypass: its service's streak of
-/// idle connections is at least `min_streak` (see `IDLE_STREAK`), and it is not a probe. The
-/// client decides for both ends (a server whose client is untracked stays untracked), by the
-/// socket cookie, so connect() and establishment agree.
+/// The service's streak of idle connections (see `IDLE_STREAK`); 0 if it is not known.
+/// Connections to a service whose streak is full skip the bypass: the client decides at
+/// connect() and again at establishment, the server at its establishment, all from the
+/// same table, so both ends agree (a rare change between the two only costs the
+/// connection its acceleration: an untracked server sends its tracked client to TCP).
 #[inline(always)]
-fn idle_service(key: &SockKey, cookie: u64, min_streak: u32) -> bool {
+fn service_streak(service: &ServiceKey) -> u32 {
     // SAFETY: the u32 is copied out at once.
-    let streak = unsafe { QL_SERVICES.get(&service_of(key, true)) }.copied();
-    streak.is_some_and(|s| s >= min_streak) && cookie % u64::from(IDLE_PROBE_EVERY) != 0
+    unsafe { QL_SERVICES.get(service) }.copied().unwrap_or(0)
+}
+
+/// One skipped client in `IDLE_PROBE_EVERY` (by socket cookie) asks for its close, where
+/// `on_state` sees whether it carried data and, if so, wakes its service. A state callback
+/// and a lookup at close, instead of the sockhash entry and psock a tracked probe costs.
+#[inline(always)]
+fn observe_idle_client(ctx: &SockOpsContext) {
+    // SAFETY: helper on the live sock_ops context.
+    if unsafe { bpf_get_socket_cookie(ctx.ops.cast()) } % u64::from(IDLE_PROBE_EVERY) == 0 {
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
 }
 
 fn on_state(ctx: &SockOpsContext) {
     if ctx.arg(1) != BPF_TCP_CLOSE {
         return;
     }
-    if let Some(key) = key_from_ctx!(ctx.ops) {
-        if let Some(meta) = QL_META.get_ptr(&key) {
-            // SAFETY: live element of a BPF_F_NO_PREALLOC hash; copied out at once.
-            let meta = unsafe { *meta };
-            if meta.flags & META_F_ACTIVE == 0 {
-                learn_service(&key, &meta);
+    let Some(key) = key_from_ctx!(ctx.ops) else {
+        return;
+    };
+    let Some(meta) = QL_META.get_ptr(&key) else {
+        // Untracked: an observed client of an idle service (or a paced socket, for which
+        // the same holds: it carried data to whatever service it reached).
+        if carried_data(ctx) {
+            wake_service(&service_of(&key, true));
+        }
+        return;
+    };
+    // SAFETY: live element of a BPF_F_NO_PREALLOC hash; copied out at once.
+    let meta = unsafe { *meta };
+    if meta.flags & META_F_ACTIVE == 0 {
+        learn_service(&key, &meta);
+    }
+    let _ = QL_META.remove(&key);
+}
+
+/// Whether any payload went either way on the closing socket. Segments, not bytes:
+/// `bytes_acked` counts the SYN of an active open (and a FIN), so it is never 0 at close.
+#[inline(always)]
+fn carried_data(ctx: &SockOpsContext) -> bool {
+    // SAFETY: context fields, read whole (see `key_from_ctx` for why volatile).
+    unsafe {
+        core::ptr::read_volatile(core::ptr::addr_of!((*ctx.ops).data_segs_in))
+            | core::ptr::read_volatile(core::ptr::addr_of!((*ctx.ops).data_segs_out))
+            != 0
+    }
+}
+
+/// A connection to an idle service carried data: its next connections are tracked again.
+#[inline(always)]
+fn wake_service(service: &ServiceKey) {
+    if let Some(streak) = QL_SERVICES.get_ptr_mut(service) {
+        // SAFETY: a hint shared by the service's connections (see `learn_service`).
+        unsafe {
+            if *streak != 0 {
+                *streak = 0;
+                count(c::IDLE_SERVICE_WOKE, 1);
             }
         }
-        let _ = QL_META.remove(&key);
     }
 }
 
