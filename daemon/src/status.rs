@@ -100,6 +100,26 @@ pub struct QosCounters {
     pub bypassed: u64,
     /// TCP sockets the pod's rate is split among now (`QL_QOS_SENDERS`; 0: none contends).
     pub sockets: u64,
+    /// Of those, the ones that used less than they were given in their last window, and
+    /// what they used (bits/s): the others share what they leave.
+    pub light_sockets: u64,
+    pub light_bps: u64,
+}
+
+impl QosCounters {
+    /// "4 sockets (3 light at 60Mbit)": how the pod's rate is shared among its sockets.
+    fn sharing(&self) -> String {
+        if self.light_sockets == 0 {
+            format!("{} sockets", self.sockets)
+        } else {
+            format!(
+                "{} sockets ({} light at {})",
+                self.sockets,
+                self.light_sockets,
+                quicklane_qos::Rate::from_bits_per_sec(self.light_bps)
+            )
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -228,7 +248,7 @@ fn qos_status(
     let sum = |slot: u32, dir: u32| -> Result<QosCounters, StatusError> {
         let index = aggregate(slot, dir);
         let per_cpu = stats.get(&index, 0).map_err(|e| err(&e))?;
-        let sockets = senders
+        let (sockets, light) = senders
             .get(&index, 0)
             .map_err(|e| counters_error(SENDERS_MAP, &e))?
             .sharing(now);
@@ -240,9 +260,14 @@ fn qos_status(
                 marked: a.marked + s.marked,
                 dropped: a.dropped + s.dropped,
                 bypassed: a.bypassed + s.bypassed,
-                sockets: 0,
+                ..QosCounters::default()
             });
-        Ok(QosCounters { sockets, ..summed })
+        Ok(QosCounters {
+            sockets,
+            light_sockets: light.count,
+            light_bps: light.rate * 8,
+            ..summed
+        })
     };
     let pods = policy
         .pods
@@ -481,7 +506,7 @@ impl QosStatus {
         for (p, c) in self.policy.pods.iter().zip(&self.pods) {
             let _ = writeln!(
                 s,
-                "  {:<16} {:<10} {:<10} class {:<8} egress {:>14} ({} B shaped, {} B bypassed, {} marked, {} dropped, {} sockets)  ingress {:>14} ({} B shaped, {} B bypassed, {} marked, {} dropped, {} sockets)",
+                "  {:<16} {:<10} {:<10} class {:<8} egress {:>14} ({} B shaped, {} B bypassed, {} marked, {} dropped, {})  ingress {:>14} ({} B shaped, {} B bypassed, {} marked, {} dropped, {})",
                 p.name,
                 format!("{:?}", p.source).to_lowercase(),
                 p.interface,
@@ -491,13 +516,13 @@ impl QosStatus {
                 c.egress.bypassed,
                 c.egress.marked,
                 c.egress.dropped,
-                c.egress.sockets,
+                c.egress.sharing(),
                 rate(p.ingress_bps),
                 c.ingress.bytes,
                 c.ingress.bypassed,
                 c.ingress.marked,
                 c.ingress.dropped,
-                c.ingress.sockets,
+                c.ingress.sharing(),
             );
         }
         for r in &self.policy.refused {

@@ -48,7 +48,8 @@ pub struct Measured {
     pub bits_per_sec: f64,
     pub retransmits: u64,
     pub bytes: u64,
-    /// Per-second receiver rates, for preemption and stability checks.
+    /// Receiver rates per half second (the servers report at `-i 0.5`), for preemption and
+    /// stability checks.
     pub intervals: Vec<f64>,
     /// The sender's retransmits and bytes sent, per second.
     pub sent: Vec<(u64, u64)>,

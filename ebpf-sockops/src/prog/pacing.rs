@@ -19,7 +19,7 @@ use quicklane_common::{
         aggregate, effective_rate, paced_rate, AddrKey, Classes, QosPod, CLASSES, DIR_EGRESS,
         DIR_INGRESS,
     },
-    senders::{self, Load, PacedSock},
+    senders::{self, PacedSock},
     sock::SockKey,
     SOCKOPS_F_PACING,
 };
@@ -208,7 +208,7 @@ fn pod_rate(family: u32, addr: &[u32; 4], dir: u32, now: u64, agg: &mut u32) -> 
 }
 
 /// This socket's part of its aggregate's `rate`: faster while the aggregate has catching
-/// up to do, slower while it is ahead, split among the pod's contending sockets.
+/// up to do, slower while it is ahead, shared among the pod's contending sockets.
 #[inline(never)]
 fn socket_rate(agg: u32, rate: u64, sample: &Sample) -> u64 {
     let now = sample.now;
@@ -229,16 +229,8 @@ fn socket_rate(agg: u32, rate: u64, sample: &Sample) -> u64 {
     // SAFETY: a live LRU hash value; only this socket's callbacks touch its marks. The
     // aggregate's low bit is its direction.
     let mark = unsafe { &raw mut (*sock).marks[(agg & 1) as usize] };
-    let load = if paced < rate {
-        Load::Over
-    } else if now <= timeline + credit / 2 {
-        Load::AtRate
-    } else {
-        Load::Lagging
-    };
     // SAFETY: an array value and a hash value, 8-byte aligned.
-    let split = unsafe { senders::note(senders, mark, sample.acked, rate, load, now) };
-    paced.checked_div(split).unwrap_or(paced)
+    unsafe { senders::note(senders, mark, sample.acked, rate, paced, now) }
 }
 
 /// The rate the tc shaper would give this pod's next packet.
