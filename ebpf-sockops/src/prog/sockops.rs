@@ -302,15 +302,18 @@ fn carried_data(ctx: &SockOpsContext) -> bool {
     }
 }
 
-/// A connection to an idle service carried data: its next connections are tracked again.
+/// A connection to the service carried data: its streak of idle connections ends, and if the
+/// service was idle its next connections are tracked again.
 #[inline(always)]
 fn wake_service(service: &ServiceKey) {
     if let Some(streak) = QL_SERVICES.get_ptr_mut(service) {
         // SAFETY: a hint shared by the service's connections (see `learn_service`).
         unsafe {
+            if *streak >= IDLE_STREAK {
+                count(c::IDLE_SERVICE_WOKE, 1);
+            }
             if *streak != 0 {
                 *streak = 0;
-                count(c::IDLE_SERVICE_WOKE, 1);
             }
         }
     }
