@@ -43,8 +43,8 @@ struct Args {
     /// Streams leave Nagle's algorithm on, as qperf does (the load generator sets
     /// TCP_NODELAY by default, as Envoy and gRPC do).
     nagle: bool,
-    /// Client on CPU 0, servers on CPU 1 (`loadgen --cpu`): the scheduler's placement of
-    /// the two ends is the largest source of run-to-run spread in the connect rate.
+    /// Client on CPU 0, servers on CPU 1 (`loadgen --cpu`), as the bench's connect step:
+    /// the scheduler's placement of the two ends is one source of run-to-run spread.
     pin: bool,
 }
 

@@ -559,3 +559,21 @@ impl QosStatus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::QosCounters;
+
+    #[test]
+    fn sharing_names_the_light_sockets_when_there_are_any() {
+        let mut c = QosCounters {
+            sockets: 4,
+            ..QosCounters::default()
+        };
+        assert_eq!(c.sharing(), "4 sockets");
+        c.light_sockets = 3;
+        c.light_bps = 60_000_000;
+        let text = c.sharing();
+        assert!(text.starts_with("4 sockets (3 light at 60"), "{text}");
+    }
+}

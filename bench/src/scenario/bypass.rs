@@ -410,7 +410,8 @@ struct Bench<'a> {
     outside: &'a OutsideCgroup,
     rec: Recorder,
     /// Client and server CPUs of the connect step: placed by the scheduler, the two ends
-    /// share a CPU in some runs and not in others, which spread the rate by +-10 %.
+    /// share a CPU in some runs and not in others, one more source of spread between runs
+    /// of a measure whose target is a 3 % difference.
     connect_cpus: Option<[usize; 2]>,
 }
 
