@@ -23,3 +23,5 @@ mod testbed;
 pub mod tools;
 
 pub use error::Error;
+/// The agent config the bench runs with, for tools that measure the same node setup.
+pub use testbed::write_agent_config;

@@ -261,18 +261,7 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     simnode::require_root()?;
     let node = Node::new(2)?;
-    std::fs::create_dir_all(node.run_dir())?;
-    let config = node.run_dir().join("quicklane.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\npin_dir = {:?}\nrun_dir = {:?}\n\n[bypass]\nenabled = true\ncgroup = {:?}\n\n\
-             [tc]\nenabled = false\n\n[xdp]\nenabled = false\n",
-            node.pin_dir().display().to_string(),
-            node.run_dir().display().to_string(),
-            node.cgroup_dir().display().to_string(),
-        ),
-    )?;
+    let config = quicklane_bench::write_agent_config(&node)?;
     let lifetime = "100000";
     let server = |port: u16, mode: &[&str]| -> Result<Proc> {
         let mut cmd = node.pod(1).command(&args.loadgen);
