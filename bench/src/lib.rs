@@ -23,5 +23,6 @@ mod testbed;
 pub mod tools;
 
 pub use error::Error;
-/// The agent config the bench runs with, for tools that measure the same node setup.
-pub use testbed::write_agent_config;
+/// The agent config the bench runs with, and the CPUs its connect step keeps its two ends
+/// on, for tools that measure the same node setup.
+pub use testbed::{two_cpus, write_agent_config};

@@ -70,7 +70,7 @@ pub struct Mark {
     pub since_before: u64,
     /// The lowest even share of the rate (bytes per second, before the brake or the
     /// catch-up) in that window.
-    pub pace: u64,
+    pub lowest_even: u64,
     /// `COUNTED` once the socket has counted itself in that window; `LIGHT` if it reported
     /// light at the window's start (about the one before).
     pub flags: u64,
@@ -119,8 +119,14 @@ pub unsafe fn note(
         let previous = core::ptr::read_volatile(&raw const s.previous);
         let m = &mut *mark;
         if m.window_start != start {
-            let light = if report(s, m, acked, now) { LIGHT } else { 0 };
-            let (base_before, since_before) = if now.saturating_sub(m.since) < 2 * WINDOW_NS {
+            // The socket's last window was the one just before this.
+            let consecutive = now.saturating_sub(m.since) < 2 * WINDOW_NS;
+            let light = if consecutive && report(s, m, acked, now) {
+                LIGHT
+            } else {
+                0
+            };
+            let (base_before, since_before) = if consecutive {
                 (m.base, m.since)
             } else {
                 (acked, now)
@@ -131,7 +137,7 @@ pub unsafe fn note(
                 since: now,
                 base_before,
                 since_before,
-                pace: u64::MAX,
+                lowest_even: u64::MAX,
                 flags: light,
             };
         } else if m.flags & COUNTED == 0
@@ -148,8 +154,8 @@ pub unsafe fn note(
         let ways = split(current, previous);
         // The even share, unbraked: see `report`.
         let even = rate / ways;
-        if even < m.pace {
-            m.pace = even;
+        if even < m.lowest_even {
+            m.lowest_even = even;
         }
         // A light socket may grow to the even share, and from there, no longer light, to
         // the larger one: paced at that at once, three light streams' bursts together ran
@@ -196,8 +202,8 @@ unsafe fn rotate(s: &mut Senders, now: u64) -> u64 {
     }
 }
 
-/// At a socket's first sample of a new window: if it contended in its last one (and that
-/// was the window just before) but moved less than fifteen sixteenths of the lowest even
+/// At a socket's first sample of a new window, its last one being the window just before:
+/// if it contended there but moved less than fifteen sixteenths of the lowest even
 /// share there, it reports what it used (and is light).
 ///
 /// The even share, not the larger one it may have been given: a bulk stream held below its
@@ -212,7 +218,7 @@ unsafe fn rotate(s: &mut Senders, now: u64) -> u64 {
 /// As for `note`.
 #[inline(always)]
 unsafe fn report(s: &mut Senders, m: &Mark, acked: u64, now: u64) -> bool {
-    if m.flags & COUNTED == 0 || now.saturating_sub(m.since) >= 2 * WINDOW_NS {
+    if m.flags & COUNTED == 0 {
         return false;
     }
     let span_ms = now.saturating_sub(m.since_before) / 1_000_000;
@@ -221,7 +227,7 @@ unsafe fn report(s: &mut Senders, m: &Mark, acked: u64, now: u64) -> bool {
     }
     // Per millisecond first: bytes * 1000 could overflow for a slow socket's long window.
     let used = acked.saturating_sub(m.base_before) / span_ms * 1000;
-    if used >= m.pace / 16 * 15 {
+    if used >= m.lowest_even / 16 * 15 {
         return false;
     }
     // SAFETY: guaranteed by the caller.
@@ -587,6 +593,6 @@ mod tests {
             assert_near(pace, paced / 4);
         }
         // What a light socket is judged against is the even share, unbraked.
-        assert_near(m.pace, RATE / 4);
+        assert_near(m.lowest_even, RATE / 4);
     }
 }

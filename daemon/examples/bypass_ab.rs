@@ -2,8 +2,8 @@
 //! latency and stream throughput (64 KiB writes, or `--stream-size N`; the server reads
 //! 256 KiB at a time, or `--read-size N`; `--nagle` leaves Nagle's algorithm on), pod to pod,
 //! without the agent ("base") and with one or more agent binaries (variants of the datapath),
-//! in an order rotated every repetition. `--pin` keeps the client on CPU 0 and the servers on
-//! CPU 1.
+//! in an order rotated every repetition. `--pin` keeps the client and the servers on two
+//! CPUs, as the bench's connect step does.
 //!
 //! ```sh
 //! cargo build --release -p quicklane --examples --ignore-rust-version
@@ -43,9 +43,9 @@ struct Args {
     /// Streams leave Nagle's algorithm on, as qperf does (the load generator sets
     /// TCP_NODELAY by default, as Envoy and gRPC do).
     nagle: bool,
-    /// Client on CPU 0, servers on CPU 1 (`loadgen --cpu`), as the bench's connect step:
+    /// Client and servers on the bench's two CPUs (`loadgen --cpu`), as its connect step:
     /// the scheduler's placement of the two ends is one source of run-to-run spread.
-    pin: bool,
+    pin: Option<[usize; 2]>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -63,7 +63,7 @@ fn parse_args() -> Result<Args> {
         stream_size: 65536,
         read_size: None,
         nagle: false,
-        pin: false,
+        pin: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -75,7 +75,9 @@ fn parse_args() -> Result<Args> {
             "--stream-size" => args.stream_size = val()?.parse()?,
             "--read-size" => args.read_size = Some(val()?.parse()?),
             "--nagle" => args.nagle = true,
-            "--pin" => args.pin = true,
+            "--pin" => {
+                args.pin = Some(quicklane_bench::two_cpus().context("--pin needs two CPUs")?);
+            }
             "--tests" => args.tests = val()?.split(',').map(str::to_owned).collect(),
             "--loadgen" => args.loadgen = val()?.into(),
             "--no-base" => {
@@ -169,11 +171,9 @@ impl Agent {
 
 /// `--cpu` for one end (0: the client, 1: the servers) with `--pin`.
 fn pinned(args: &Args, end: usize) -> Vec<String> {
-    if args.pin {
-        vec!["--cpu".into(), end.to_string()]
-    } else {
-        Vec::new()
-    }
+    args.pin
+        .map(|cpus| vec!["--cpu".into(), cpus[end].to_string()])
+        .unwrap_or_default()
 }
 
 fn cgroup_usage_us(node: &Node) -> Result<u64> {

@@ -100,8 +100,8 @@ pub struct QosCounters {
     pub bypassed: u64,
     /// TCP sockets the pod's rate is split among now (`QL_QOS_SENDERS`; 0: none contends).
     pub sockets: u64,
-    /// Of those, the ones that used less than they were given in their last window, and
-    /// what they used (bits/s): the others share what they leave.
+    /// Of those, the light ones (less than the even share in their last window), and what
+    /// they used (bits/s): the others share what they leave.
     pub light_sockets: u64,
     pub light_bps: u64,
 }
