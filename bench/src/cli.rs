@@ -199,8 +199,9 @@ fn summary(results: &Results, out: &Path, written: &[PathBuf]) -> String {
     for r in &results.references {
         let _ = writeln!(
             s,
-            "  ref  {}  (the target {} is {}reachable by AF_UNIX)",
+            "  ref  {}  (against {}: the target {} is {}reachable by AF_UNIX)",
             columns(r, "x"),
+            r.against.as_deref().unwrap_or("?"),
             target(r),
             if r.met { "" } else { "not " },
         );

@@ -142,6 +142,7 @@ mod tests {
             max: sorted[sorted.len() - 1],
             compares: None,
             unit: None,
+            against: None,
         }
     }
 

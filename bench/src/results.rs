@@ -128,6 +128,10 @@ pub struct Ratio {
     /// The unit of `value` when it is not a plain ratio (e.g. "ms").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
+    /// The metric whose baseline `value` divides by when it is not `metric`'s own (a
+    /// reference: the TCP figure an AF_UNIX one is set against).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub against: Option<String>,
 }
 
 /// A received-bytes series at a fixed bucket width, e.g. a flow's arrivals per millisecond
@@ -293,6 +297,7 @@ impl Ratio {
             max: spread.max,
             compares: None,
             unit: None,
+            against: None,
         })
     }
 
@@ -319,6 +324,7 @@ impl Ratio {
             max: spread.max,
             compares: Some(compares.to_owned()),
             unit: unit.map(str::to_owned),
+            against: None,
         })
     }
 }

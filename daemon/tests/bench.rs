@@ -118,6 +118,7 @@ fn check_results(json: &Value, dir: &Path) {
         ("qperf.tcp_lat.loopback", &[Some(64), Some(65536)]),
         ("sockperf.rtt_p99.pod-to-pod", &[Some(64)]),
         ("loadgen.rr_p999.pod-to-pod", &[Some(64)]),
+        ("loadgen.rr_p99.loopback", &[Some(64)]),
         ("loadgen.connect_rate.pod-to-pod", &[None]),
         ("iperf3.throughput.non-eligible", &[None]),
         ("iperf3.cpu_per_gbit.non-eligible", &[None]),
@@ -167,8 +168,8 @@ fn check_results(json: &Value, dir: &Path) {
     }
 }
 
-/// The AF_UNIX reference: measured without the agent only, one reference ratio per figure.
-/// Returns how many AF_UNIX figures there are.
+/// The AF_UNIX reference: measured without the agent only, one reference ratio per figure and
+/// TCP path (pod to pod, loopback). Returns how many AF_UNIX figures there are.
 fn check_references(json: &Value, has: &dyn Fn(&str, Option<u64>, &str) -> bool) -> usize {
     let unix = ["loadgen.rr_p50.unix", "loadgen.rr_p99.unix"];
     for metric in unix {
@@ -188,12 +189,30 @@ fn check_references(json: &Value, has: &dyn Fn(&str, Option<u64>, &str) -> bool)
     let references = json["references"].as_array().expect("references array");
     assert_eq!(
         references.len(),
-        unix_figures,
-        "one reference per AF_UNIX figure"
+        unix_figures * 2,
+        "one reference per AF_UNIX figure and TCP path"
     );
     for r in references {
         let metric = r["metric"].as_str().expect("metric");
         assert!(unix.contains(&metric), "{r}");
+        let against = r["against"].as_str().expect("against");
+        assert_eq!(
+            against.rsplit_once('.').map(|(m, _)| m),
+            metric.rsplit_once('.').map(|(m, _)| m),
+            "{r}"
+        );
+        assert!(
+            against.ends_with(".pod-to-pod") || against.ends_with(".loopback"),
+            "{r}"
+        );
+        assert!(
+            references
+                .iter()
+                .filter(|o| o["metric"] == metric && o["against"] == against)
+                .count()
+                == 1,
+            "{r}"
+        );
         assert_eq!(
             r["compares"],
             "AF_UNIX / TCP baseline, both without the agent"
@@ -272,6 +291,12 @@ fn quick_bypass_run_writes_a_complete_report() {
         report.contains("## Reference: AF_UNIX / TCP, without the agent"),
         "{report}"
     );
+    for path in ["pod-to-pod", "loopback"] {
+        assert!(
+            report.contains(&format!("| loadgen.rr_p50 | 64 B | {path} |")),
+            "no {path} reference row: {report}"
+        );
+    }
 
     // A run compared with itself has not regressed.
     let same = bench(&[

@@ -132,20 +132,24 @@ fn reference_table(md: &mut String, r: &Results) {
     let _ = writeln!(
         md,
         "## Reference: AF_UNIX / TCP, without the agent\n\n\
-         The load generator between the same two pods over an AF_UNIX stream socket, the \
-         kernel's cheapest same-host stream, against its own TCP baseline. A socket-level \
-         bypass still makes the same syscalls, copies and reader wakeups and saves only the \
-         TCP/IP path, so the AF_UNIX ratio is about the best it can reach on this machine. \
-         \"AF_UNIX meets it\" says whether even AF_UNIX meets the issue's target.\n\n\
-         | measure | size | TCP baseline | TCP accelerated | AF_UNIX | unit | bypass ratio | \
-         AF_UNIX ratio | per-rep range | target | AF_UNIX meets it |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|"
+         The load generator over an AF_UNIX stream socket (pod0 to pod1), the kernel's \
+         cheapest same-host stream, against its own TCP baseline on each path (pod to pod, \
+         and within pod1 over loopback). A socket-level bypass still makes the same \
+         syscalls, copies and reader wakeups and saves only the TCP/IP path, so the AF_UNIX \
+         ratio is about the best it can reach on this machine. \"AF_UNIX meets it\" says \
+         whether even AF_UNIX meets the issue's target.\n\n\
+         | measure | size | TCP path | TCP baseline | TCP accelerated | AF_UNIX | unit | \
+         bypass ratio | AF_UNIX ratio | per-rep range | target | AF_UNIX meets it |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for reference in &r.references {
-        let tcp = format!("{}.pod-to-pod", measure_of(&reference.metric));
+        let Some(tcp) = reference.against.as_deref() else {
+            continue;
+        };
+        let path = tcp.rsplit('.').next().unwrap_or(tcp);
         let fig = |metric: &str, mode| r.figure(metric, reference.msg_size, mode);
         let (Some(base), Some(unix)) = (
-            fig(&tcp, Mode::Baseline),
+            fig(tcp, Mode::Baseline),
             fig(&reference.metric, Mode::Baseline),
         ) else {
             continue;
@@ -157,13 +161,13 @@ fn reference_table(md: &mut String, r: &Results) {
             .map_or_else(|| "–".to_owned(), |x| format!("{}x", num(x.value)));
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {bypass} | **{}x** | {}–{} | {} {} | {} |",
+            "| {} | {} | {path} | {} | {} | {} | {} | {bypass} | **{}x** | {}–{} | {} {} | {} |",
             measure_of(&reference.metric),
             reference
                 .msg_size
                 .map_or_else(|| "–".to_owned(), size_label),
             spread(base),
-            fig(&tcp, Mode::Accelerated).map_or_else(|| "–".to_owned(), spread),
+            fig(tcp, Mode::Accelerated).map_or_else(|| "–".to_owned(), spread),
             spread(unix),
             base.unit,
             num(reference.value),

@@ -9,11 +9,12 @@
 //! - `loopback`: client and server both in pod1, over 127.0.0.1;
 //! - `non-eligible`: client in pod0 (its socket is in the bypassed cgroup), server outside,
 //!   so every message goes through sk_msg and misses the map: the hooks' pure cost;
-//! - `unix`, a reference the agent never touches: the load generator between the same two
-//!   pods over an AF_UNIX stream socket, the kernel's cheapest same-host stream. A
+//! - `unix`, a reference the agent never touches: the load generator over an AF_UNIX stream
+//!   socket (client in pod0, server in pod1), the kernel's cheapest same-host stream. A
 //!   socket-level bypass still pays its syscalls, copies and wakeups and saves only the
-//!   protocol path, so AF_UNIX / TCP bounds what the bypass can reach on this machine; it runs
-//!   in the baseline blocks only and is reported as references, not ratios.
+//!   protocol path, so AF_UNIX / TCP bounds what the bypass can reach on this machine, on
+//!   either TCP path (the load generator runs pod to pod and over loopback too); it runs in
+//!   the baseline blocks only and is reported as references, not ratios.
 //!
 //! Each repetition runs every step once without the agent (baseline) and once with it
 //! (accelerated), back to back, in alternating order. The agent is started before and
@@ -82,7 +83,8 @@ pub struct Plan {
     /// qperf message sizes over loopback.
     pub loopback_sizes: Vec<u64>,
     pub sockperf_paths: Vec<Path>,
-    /// Load-generator stream sizes, pod to pod over TCP and over AF_UNIX (the reference).
+    /// Load-generator stream sizes, over TCP (pod to pod and loopback) and over AF_UNIX (the
+    /// reference).
     pub stream_sizes: Vec<u64>,
     pub qperf_secs: u32,
     pub sockperf_secs: u32,
@@ -161,9 +163,9 @@ impl Plan {
         }
         steps.extend(self.sockperf_paths.iter().map(|&p| Step::Sockperf(p)));
         let transports: &[Transport] = if mode == Mode::Accelerated {
-            &[Transport::Tcp]
+            &Transport::TCP
         } else {
-            &[Transport::Tcp, Transport::Unix]
+            &[Transport::Tcp, Transport::Loopback, Transport::Unix]
         };
         for &via in transports {
             steps.push(Step::Rr(via));
@@ -223,36 +225,51 @@ impl Plan {
     }
 }
 
-/// How the load generator reaches pod1 from pod0.
+/// How the load generator reaches its server in pod1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Transport {
-    /// TCP through the node's veths: the path the bypass accelerates.
+    /// TCP from pod0 through the node's veths.
     Tcp,
-    /// An AF_UNIX stream socket: the reference.
+    /// TCP within pod1, over 127.0.0.1 (a pod talking to its sidecar).
+    Loopback,
+    /// An AF_UNIX stream socket from pod0: the reference.
     Unix,
 }
 
 impl Transport {
+    /// The paths the bypass accelerates, each of which the AF_UNIX reference bounds.
+    const TCP: [Self; 2] = [Self::Tcp, Self::Loopback];
+
     /// The path part of a metric's name.
     fn path(self) -> &'static str {
         match self {
             Self::Tcp => Path::PodToPod.name(),
+            Self::Loopback => Path::Loopback.name(),
             Self::Unix => "unix",
         }
     }
 
+    fn client(self, node: &Node) -> Place<'_> {
+        match self {
+            Self::Loopback => Place::Pod(node.pod(1)),
+            Self::Tcp | Self::Unix => Place::Pod(node.pod(0)),
+        }
+    }
+
     /// Where pod1's server of this transport listens; a TCP port names its AF_UNIX twin too.
+    /// Loopback shares the pod-to-pod server, which listens on every address.
     fn endpoint(self, node: &Node, port: u16) -> String {
         match self {
-            Self::Tcp => format!("[::]:{port}"),
+            Self::Tcp | Self::Loopback => format!("[::]:{port}"),
             Self::Unix => format!("unix:{}", unix_socket(node, port).display()),
         }
     }
 
-    /// What pod0's client connects to.
+    /// What the client connects to.
     fn client_endpoint(self, node: &Node, port: u16) -> String {
         match self {
             Self::Tcp => format!("{}:{port}", node.pod(1).ipv4()),
+            Self::Loopback => format!("{}:{port}", Ipv4Addr::LOCALHOST),
             Self::Unix => self.endpoint(node, port),
         }
     }
@@ -262,9 +279,9 @@ impl Transport {
 enum Step {
     Qperf(qperf::Test, Path, u64),
     Sockperf(Path),
-    /// The load generator's request/response latency, pod to pod.
+    /// The load generator's request/response latency.
     Rr(Transport),
-    /// The load generator's one-way stream, pod to pod.
+    /// The load generator's one-way stream.
     Stream(Transport, u64),
     /// The load generator's connect rate, pod to pod.
     Connect,
@@ -378,25 +395,29 @@ impl Collected {
         (figures, ratios)
     }
 
-    /// Each AF_UNIX figure against the TCP baseline of the same measure, judged by the
-    /// target of the TCP metric it bounds.
+    /// Each AF_UNIX figure against the TCP baseline of the same measure on each path that has
+    /// one, judged by the target of the AF_UNIX metric (the target for that measure).
     fn references(&self, figures: &[Figure]) -> Vec<Ratio> {
         let unix = Transport::Unix.path();
-        let tcp = Transport::Tcp.path();
+        let find = |metric: &str, size| {
+            figures
+                .iter()
+                .find(|f| f.mode == Mode::Baseline && f.metric == metric && f.msg_size == size)
+        };
         self.series
             .iter()
             .filter(|(s, mode, _)| *mode == Mode::Baseline && s.metric.ends_with(unix))
-            .filter_map(|(s, _, _)| {
-                let find = |metric: &str| {
-                    figures.iter().find(|f| {
-                        f.mode == Mode::Baseline && f.metric == metric && f.msg_size == s.msg_size
-                    })
-                };
-                let tcp_metric = format!("{}{tcp}", s.metric.strip_suffix(unix)?);
-                let mut reference = Ratio::between(find(&tcp_metric)?, find(&s.metric)?, s.target)?;
-                reference.metric.clone_from(&s.metric);
-                reference.compares = Some(UNIX_COMPARES.to_owned());
-                Some(reference)
+            .flat_map(|(s, _, _)| {
+                Transport::TCP.into_iter().filter_map(move |tcp| {
+                    let tcp_metric = format!("{}{}", s.metric.strip_suffix(unix)?, tcp.path());
+                    let (base, reference) =
+                        (find(&tcp_metric, s.msg_size)?, find(&s.metric, s.msg_size)?);
+                    let mut reference = Ratio::between(base, reference, s.target)?;
+                    reference.metric.clone_from(&s.metric);
+                    reference.compares = Some(UNIX_COMPARES.to_owned());
+                    reference.against = Some(tcp_metric);
+                    Some(reference)
+                })
             })
             .collect()
     }
@@ -553,7 +574,7 @@ impl Bench<'_> {
             }
             let socket = unix_socket(self.node, port);
             let at = match via {
-                Transport::Tcp => Listen::Port(port),
+                Transport::Tcp | Transport::Loopback => Listen::Port(port),
                 Transport::Unix => Listen::Unix(&socket),
             };
             servers.push(self.rec.server(pod1, exe.as_os_str(), &args, at, label)?);
@@ -745,6 +766,7 @@ impl Bench<'_> {
 
     fn loadgen(
         &mut self,
+        via: Transport,
         mode: Mode,
         rep: Option<usize>,
         args: &[String],
@@ -752,7 +774,7 @@ impl Bench<'_> {
     ) -> Result<Report, Error> {
         let exe = self.ctx.exe.clone();
         let out = self.rec.run(
-            Place::Pod(self.node.pod(0)),
+            via.client(self.node),
             exe.as_os_str(),
             args,
             timeout,
@@ -784,7 +806,7 @@ impl Bench<'_> {
         let mut args = self.loadgen_args(via, RR_PORT, "rr", secs);
         args.extend(["--msg-size".into(), PING_SIZE.to_string()]);
         let timeout = self.timeout(&Step::Rr(via));
-        let Report::Rr(report) = self.loadgen(mode, rep, &args, timeout)? else {
+        let Report::Rr(report) = self.loadgen(via, mode, rep, &args, timeout)? else {
             return Err(bad("loadgen rr", "not an rr report".into()));
         };
         if rep.is_none() {
@@ -802,12 +824,14 @@ impl Bench<'_> {
                 target: match (via, measure) {
                     (Transport::Unix, "rr_p99") => SOCKPERF_P99_TARGET,
                     (Transport::Unix, _) => LATENCY_TARGET,
-                    (Transport::Tcp, _) => target(Better::Lower, 1.0, NOT_WORSE),
+                    (Transport::Tcp | Transport::Loopback, _) => {
+                        target(Better::Lower, 1.0, NOT_WORSE)
+                    }
                 },
             })
         };
         match via {
-            Transport::Tcp => Ok(vec![
+            Transport::Tcp | Transport::Loopback => Ok(vec![
                 sample("rr_p50", report.p50_us)?,
                 sample("rr_p90", report.p90_us)?,
                 sample("rr_p99", report.p99_us)?,
@@ -834,7 +858,7 @@ impl Bench<'_> {
         args.extend(["--check".into(), "length".into()]);
         let timeout = self.timeout(&Step::Stream(via, size));
         let what = format!("loadgen stream {size} B {}", via.path());
-        let Report::Stream(report) = self.loadgen(mode, Some(rep), &args, timeout)? else {
+        let Report::Stream(report) = self.loadgen(via, mode, Some(rep), &args, timeout)? else {
             return Err(bad(&what, "not a stream report".into()));
         };
         Ok(vec![Sample {
@@ -857,7 +881,9 @@ impl Bench<'_> {
             args.extend(["--cpu".into(), cpu.to_string()]);
         }
         let timeout = self.timeout(&Step::Connect);
-        let Report::Connect(report) = self.loadgen(mode, Some(rep), &args, timeout)? else {
+        let Report::Connect(report) =
+            self.loadgen(Transport::Tcp, mode, Some(rep), &args, timeout)?
+        else {
             return Err(bad("loadgen connect", "not a connect report".into()));
         };
         Ok(vec![Sample {
@@ -995,9 +1021,13 @@ mod tests {
             // Everything else runs in both modes, in the same order.
             let tcp: Vec<Step> = base.iter().copied().filter(|s| unix(&[*s]) == 0).collect();
             assert_eq!(tcp, fast, "{profile:?}");
-            for &size in &plan.stream_sizes {
-                assert!(fast.contains(&Step::Stream(Transport::Tcp, size)));
-                assert!(base.contains(&Step::Stream(Transport::Unix, size)));
+            // Each figure of the reference has a TCP twin on both paths.
+            for via in Transport::TCP {
+                assert!(fast.contains(&Step::Rr(via)), "{profile:?}");
+                for &size in &plan.stream_sizes {
+                    assert!(fast.contains(&Step::Stream(via, size)));
+                    assert!(base.contains(&Step::Stream(Transport::Unix, size)));
+                }
             }
         }
         assert!(Plan::new(Profile::Quick, &Overrides::default())
@@ -1006,7 +1036,7 @@ mod tests {
     }
 
     #[test]
-    fn unix_figures_become_references_against_the_tcp_baseline() {
+    fn unix_figures_become_references_against_the_tcp_baseline_of_each_path() {
         let mut c = Collected::default();
         let sample = |metric: &str, value: f64| Sample {
             metric: metric.into(),
@@ -1015,7 +1045,10 @@ mod tests {
             value,
             target: throughput_target(16384),
         };
-        for (tcp_base, tcp_fast, unix) in [(1000.0, 1600.0, 2500.0), (1200.0, 1800.0, 2400.0)] {
+        for (tcp_base, tcp_fast, lo_base, unix) in [
+            (1000.0, 1600.0, 2000.0, 2500.0),
+            (1200.0, 1800.0, 1600.0, 2400.0),
+        ] {
             c.add(
                 sample("loadgen.stream.pod-to-pod", tcp_base),
                 Mode::Baseline,
@@ -1024,21 +1057,33 @@ mod tests {
                 sample("loadgen.stream.pod-to-pod", tcp_fast),
                 Mode::Accelerated,
             );
+            c.add(sample("loadgen.stream.loopback", lo_base), Mode::Baseline);
+            c.add(
+                sample("loadgen.stream.loopback", lo_base),
+                Mode::Accelerated,
+            );
             c.add(sample("loadgen.stream.unix", unix), Mode::Baseline);
         }
         let (figures, ratios) = c.figures_and_ratios();
-        assert_eq!(figures.len(), 3);
-        assert_eq!(ratios.len(), 1, "the reference is not a ratio");
-        assert_eq!(ratios[0].metric, "loadgen.stream.pod-to-pod");
+        assert_eq!(figures.len(), 5);
+        assert_eq!(ratios.len(), 2, "the references are not ratios");
         let refs = c.references(&figures);
-        assert_eq!(refs.len(), 1);
-        let r = &refs[0];
-        assert_eq!(r.metric, "loadgen.stream.unix");
-        assert_eq!(r.compares.as_deref(), Some(UNIX_COMPARES));
-        assert_eq!(r.samples, vec![2.5, 2.0]);
-        assert!((r.value - 2450.0 / 1100.0).abs() < 1e-12);
-        assert!(r.met, "AF_UNIX reaches 1.8x here");
-        assert!((r.target - 1.8).abs() < 1e-12);
+        assert_eq!(refs.len(), 2, "one per TCP path");
+        for r in &refs {
+            assert_eq!(r.metric, "loadgen.stream.unix");
+            assert_eq!(r.compares.as_deref(), Some(UNIX_COMPARES));
+            assert!((r.target - 1.8).abs() < 1e-12);
+        }
+        let [pod, lo] = refs.as_slice() else {
+            unreachable!()
+        };
+        assert_eq!(pod.against.as_deref(), Some("loadgen.stream.pod-to-pod"));
+        assert_eq!(pod.samples, vec![2.5, 2.0]);
+        assert!((pod.value - 2450.0 / 1100.0).abs() < 1e-12);
+        assert!(pod.met, "AF_UNIX reaches 1.8x pod to pod here");
+        assert_eq!(lo.against.as_deref(), Some("loadgen.stream.loopback"));
+        assert_eq!(lo.samples, vec![1.25, 1.5]);
+        assert!(!lo.met, "not over loopback");
     }
 
     #[test]
