@@ -61,6 +61,7 @@ fn client_opts(peer: &Endpoint, conns: u32, duration_ms: u64) -> ClientOptions {
         nodelay: true,
         seed: 42,
         connect_retry: Duration::from_secs(5),
+        reader_thread: false,
     }
 }
 
@@ -775,4 +776,47 @@ fn length_checks_are_for_streams_only() {
             "{side:?}: {err}"
         );
     }
+}
+
+/// A reader thread waits in read() beside the writer and takes the server's reply; the
+/// stream still matches on both ends.
+#[test]
+fn a_stream_with_a_reader_thread_gets_its_reply_there() {
+    let (addr, server) = start_server(
+        V4,
+        Service::Stream(Check::Checksum),
+        Duration::from_secs(20),
+        Some(1),
+    );
+    // Short and on one connection: the timeline test beside it needs the CPUs.
+    let opts = ClientOptions {
+        reader_thread: true,
+        ..client_opts(&addr, 1, 50)
+    };
+    let report = client::stream(&opts, SizeRange::fixed(512), Check::Checksum).unwrap();
+    let server = server.join().unwrap().unwrap();
+    assert!(report.checksum_ok, "{report:?}");
+    assert!(report.msgs > 2, "{report:?}");
+    assert_eq!((server.conns, server.bytes), (1, report.bytes));
+}
+
+#[test]
+fn reader_threads_are_for_streams_only() {
+    let args = LoadgenArgs::try_parse_from([
+        "loadgen",
+        "client",
+        "--connect",
+        "127.0.0.1:1",
+        "--mode",
+        "rr",
+        "--msg-size",
+        "8",
+        "--reader-thread",
+    ])
+    .unwrap();
+    let err = run_with_output(args, &mut Vec::new()).unwrap_err();
+    assert!(
+        matches!(err, Error::Usage(m) if m.contains("--reader-thread")),
+        "{err}"
+    );
 }

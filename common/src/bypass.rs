@@ -17,6 +17,11 @@ pub const META_F_ELIGIBLE: u32 = 4;
 pub const META_F_PACED: u32 = 32;
 /// This socket sent at least one message (sk_msg saw it).
 pub const META_F_SENT: u32 = 64;
+/// This socket moved to TCP while no other send, receive or redirect was in progress on it
+/// (its psock held only its map link and the locking send), so no redirect of its can still
+/// be on its way to the peer: once the peer's redirect queue is empty it stays empty, and the
+/// peer may leave the sockhash too (`sockhash_reader_left`).
+pub const META_F_LOCKED_ALONE: u32 = 128;
 
 /// A service (the server's address and port) whose last `IDLE_STREAK` tracked connections
 /// closed without a single message either way is idle: connections that never carry data

@@ -54,6 +54,7 @@ pub mod sockops {
         CONN_DEMOTED_LOOPBACK = 27: "conn_demoted_loopback_stream",
         CONN_ADOPTED = 28: "conn_adopted",
         IDLE_SERVICE_WOKE = 29: "idle_service_woke",
+        READER_LEFT_MAP = 30: "sockhash_reader_left",
     });
 }
 

@@ -16,7 +16,7 @@ pub mod sock;
 
 /// Bumped whenever a shared layout or a load-time global changes meaning, so a daemon never
 /// adopts pins written by an incompatible datapath.
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 
 /// Load-time settings of the sock_ops/sk_msg object (`QL_SOCKOPS_CONFIG` global).
 #[repr(C)]
@@ -45,6 +45,31 @@ pub struct SockopsConfig {
     /// Bit offset of `struct tcp_sock`'s `nonagle` field in this kernel (from its BTF); its
     /// lowest bit is `TCP_NAGLE_OFF`. 0: unknown, every writer is judged as Nagle's.
     pub tcp_nonagle_bit: u32,
+    /// Where a socket's psock is in this kernel (from its BTF); see `PsockLayout`.
+    pub psock: PsockLayout,
+}
+
+/// Byte offsets that let the bypass see a socket's psock, which the kernel gives BPF no
+/// helper for: a reader whose writer has left the redirect may leave the sockhash once its
+/// redirect queue is empty and nothing can refill it (see `bypass::META_F_LOCKED_ALONE`).
+/// All 0: unknown, readers stay in the sockhash (as the writer's messages require otherwise).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PsockLayout {
+    /// `struct sock`'s `sk_user_data`: the psock pointer, flag bits in its lowest three.
+    pub sk_user_data: u32,
+    /// `struct sk_psock`'s `refcnt`: one per map link plus one per send, receive or
+    /// redirect in progress on the socket.
+    pub refcnt: u32,
+    /// `struct sk_psock`'s `ingress_msg` list head: the redirect queue reads drain first.
+    pub ingress_msg: u32,
+}
+
+impl PsockLayout {
+    #[must_use]
+    pub const fn known(&self) -> bool {
+        self.sk_user_data != 0 && self.refcnt != 0 && self.ingress_msg != 0
+    }
 }
 
 /// Record established sockets in the sockhash and redirect messages between same-node peers.
@@ -62,4 +87,4 @@ pub const SOCKOPS_F_LOOPBACK_STREAMS_TCP: u32 = 8;
 // SAFETY: repr(C), Copy, no padding (asserted below).
 unsafe impl aya::Pod for SockopsConfig {}
 
-const _: () = assert!(core::mem::size_of::<SockopsConfig>() == 36);
+const _: () = assert!(core::mem::size_of::<SockopsConfig>() == 48);

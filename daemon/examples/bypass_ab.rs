@@ -326,11 +326,14 @@ fn main() -> Result<()> {
                 if let Ok(c) = Agent::counters(&node, &args.loadgen) {
                     let pick = |k: &str| c[k].as_u64().unwrap_or(0);
                     println!(
-                        "  counters: sock_ops_calls={} sockhash_inserted={} msg_redirected={} conn_no_origin={}",
+                        "  counters: sock_ops_calls={} sockhash_inserted={} msg_redirected={} \
+                         conn_no_origin={} sockhash_left={} sockhash_reader_left={}",
                         pick("sock_ops_calls"),
                         pick("sockhash_inserted"),
                         pick("msg_redirected"),
-                        pick("conn_no_origin")
+                        pick("conn_no_origin"),
+                        pick("sockhash_left"),
+                        pick("sockhash_reader_left")
                     );
                 }
                 agent.stop()?;

@@ -72,7 +72,7 @@ impl Feature {
             Self::AfXdp => "AF_XDP sockets",
             Self::SchFq => "sch_fq qdisc",
             Self::Netkit => "netkit devices",
-            Self::KernelBtf => "kernel BTF with tcp_sock.nonagle",
+            Self::KernelBtf => "kernel BTF with tcp_sock.nonagle and the psock layout",
         }
     }
 
@@ -88,7 +88,8 @@ impl Feature {
             Self::SchFq => "qos: EDT pacing (timestamps need fq to be honoured)",
             Self::Netkit => "netkit pod interfaces",
             Self::KernelBtf => {
-                "bypass: the TCP_NODELAY stream bound; qos: adopting IPv6 connections"
+                "bypass: the TCP_NODELAY stream bound, readers leaving after their writer; \
+                 qos: adopting IPv6 connections"
             }
         }
     }
@@ -370,7 +371,7 @@ fn kernel_btf() -> Support {
         Err(e) => Support::ProbeFailed {
             error: format!("reading {}: {e}", btf::VMLINUX),
         },
-        Ok(bytes) => match btf::nonagle_bit(&bytes) {
+        Ok(bytes) => match btf::nonagle_bit(&bytes).and(btf::psock_layout_of(&bytes)) {
             Ok(_) => Support::Available,
             Err(e) => Support::Missing {
                 reason: format!("{}: {e}", btf::VMLINUX),

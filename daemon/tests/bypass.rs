@@ -231,6 +231,9 @@ fn large_message_streams_move_to_tcp_mid_stream_byte_exact() {
         redirected > 0 && redirected < sent,
         "the first messages went by redirect, the rest by TCP ({redirected} of {sent} bytes)"
     );
+    // Each server end read its redirect queue empty and left the sockhash mid-stream, with
+    // the stream's TCP bytes still to come: all of them arrived (checked above).
+    assert_eq!(delta("sockhash_reader_left"), 8, "{after:#}");
 
     // Between the bounds a stream with Nagle's algorithm on stays on the redirect...
     let before = redirected_bytes(&node);
@@ -614,8 +617,10 @@ fn small_message_streams_move_to_tcp_while_small_request_response_stays() {
     let after = status(&node);
     let delta = |name: &str| counter(&after, "sockops", name) - counter(&before, "sockops", name);
     assert_eq!(delta("conn_demoted_small_msgs"), 2, "{after:#}");
-    // Nothing was ever redirected into the writers, so they left the sockhash for plain TCP.
+    // Nothing was ever redirected into the writers, so they left the sockhash for plain TCP;
+    // the readers followed once they had read their redirect queues empty.
     assert_eq!(delta("sockhash_left"), 2, "{after:#}");
+    assert_eq!(delta("sockhash_reader_left"), 2, "{after:#}");
     assert!(
         delta("msg_redirected") < 100,
         "only the first messages went by redirect"
@@ -647,6 +652,39 @@ fn small_message_streams_move_to_tcp_while_small_request_response_stays() {
             >= 2 * transactions,
         "both directions of every transaction were redirected"
     );
+    finish(node, agent);
+}
+
+/// A writer with a second user of its socket (here a thread waiting in read(), as in
+/// full-duplex blocking I/O) may have a redirect still on its way when it moves to TCP: the
+/// kernel completes redirects after releasing the socket lock. Its reader cannot know when
+/// its redirect queue is final, so it stays in the sockhash, and every byte arrives.
+#[test]
+fn a_reader_stays_while_its_writers_socket_has_another_user() {
+    if !privileged("bypass reader stays") {
+        return;
+    }
+    let (node, agent) = node_with_agent(2, "");
+    let (a, b) = (node.pod(0), node.pod(1));
+    let _srv = server(b, "stream", 7151, 30, &[]);
+    let target = format!("{}:7151", b.ipv4());
+    for (extra, readers_left) in [(&["--reader-thread"][..], 0), (&[][..], 2)] {
+        let before = status(&node);
+        let mut args = vec!["--msg-size", "64", "--conns", "2"];
+        args.extend_from_slice(extra);
+        let report = client(a, &target, "stream", 1, &args);
+        assert_stream_ok(&report);
+        let after = status(&node);
+        let delta =
+            |name: &str| counter(&after, "sockops", name) - counter(&before, "sockops", name);
+        assert_eq!(delta("conn_demoted_small_msgs"), 2, "{extra:?} {after:#}");
+        assert_eq!(delta("sockhash_left"), 2, "{extra:?} {after:#}");
+        assert_eq!(
+            delta("sockhash_reader_left"),
+            readers_left,
+            "{extra:?} {after:#}"
+        );
+    }
     finish(node, agent);
 }
 

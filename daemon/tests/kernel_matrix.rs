@@ -510,7 +510,22 @@ fn agent_attaches_bypass_and_redirects() {
             assert!(counter(&after, "sockops", "sock_ops_calls") > 0);
             let redirected = counter(&after, "sockops", "msg_redirected");
             assert!(redirected > 0, "no message took the bypass: {after:#}");
-            format!("{how}; messages take the bypass")
+            // Small-message streams move to TCP; their readers follow once their redirect
+            // queue is final, which it is not while the writer's socket has a second user.
+            let mut readers = Vec::new();
+            for extra in [&[][..], &["--reader-thread"]] {
+                let before = counter(&status(&node), "sockops", "sockhash_reader_left");
+                let mut args = vec!["--msg-size", "64", "--conns", "2"];
+                args.extend_from_slice(extra);
+                let report = client(a, &format!("{}:5101", b.ipv4()), "stream", 1, &args);
+                assert_eq!(report["checksum_ok"], true, "{report:#}");
+                readers.push(counter(&status(&node), "sockops", "sockhash_reader_left") - before);
+            }
+            assert_eq!(readers, [2, 0], "readers that left the sockhash");
+            format!(
+                "{how}; messages take the bypass; readers leave after their writer (2 of 2), \
+                 not beside a second user (0 of 2)"
+            )
         },
     );
     node.teardown().unwrap();

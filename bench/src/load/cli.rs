@@ -144,6 +144,11 @@ pub struct ClientArgs {
     #[arg(long)]
     pub no_nodelay: bool,
 
+    /// Stream mode: keep a second thread waiting in read() on each connection while the first
+    /// writes, as a full-duplex application with blocking I/O does; it reads the reply.
+    #[arg(long)]
+    pub reader_thread: bool,
+
     /// Keep retrying the first connect this long while the server comes up.
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
     pub connect_retry: Duration,
@@ -219,9 +224,13 @@ fn drive(args: &ClientArgs, out: &mut impl Write) -> Result<(), Error> {
         nodelay: !args.no_nodelay,
         seed: args.seed,
         connect_retry: args.connect_retry,
+        reader_thread: args.reader_thread,
     };
     if args.check != Check::Checksum && args.mode != Mode::Stream {
         return Err(Error::Usage("--check needs --mode stream"));
+    }
+    if args.reader_thread && args.mode != Mode::Stream {
+        return Err(Error::Usage("--reader-thread needs --mode stream"));
     }
     match args.mode {
         Mode::Stream => {

@@ -39,7 +39,15 @@ pub struct ClientOptions {
     pub seed: u64,
     /// How long to keep retrying the first connect while the server comes up.
     pub connect_retry: Duration,
+    /// Stream mode: a second thread waits in read() on each connection from before the first
+    /// write, and reads the server's reply (see `READER_SETTLE`).
+    pub reader_thread: bool,
 }
+
+/// How long a stream's writer waits after its reader thread said it is about to read, so that
+/// the first write finds it inside read(): full-duplex applications with blocking I/O keep a
+/// reader there for the connection's life, and the kernel counts it as a user of the socket.
+const READER_SETTLE: Duration = Duration::from_millis(50);
 
 /// Streams for the duration on every connection and checks each against the server's digest.
 ///
@@ -84,25 +92,36 @@ fn stream_conn(
     rng.fill(&mut pool);
     let mut sent = Checksum::new();
     let mut msgs = 0;
-    let start = Instant::now();
-    let deadline = start + opts.duration;
-    while Instant::now() < deadline {
-        let offset = rng.in_range(0, POOL_SLACK);
-        let msg = &pool[offset..offset + rng.in_range(sizes.min, sizes.max)];
-        stream.write_all(msg).map_err(io_err("sending to", peer))?;
-        match check {
-            Check::Checksum => sent.update(msg),
-            Check::Length => sent.count(msg.len()),
+    let (start, (wire, spurious_eagain)) = thread::scope(|s| {
+        let reader = if opts.reader_thread {
+            Some(spawn_reader(s, &stream, peer)?)
+        } else {
+            None
+        };
+        let start = Instant::now();
+        let deadline = start + opts.duration;
+        while Instant::now() < deadline {
+            let offset = rng.in_range(0, POOL_SLACK);
+            let msg = &pool[offset..offset + rng.in_range(sizes.min, sizes.max)];
+            stream.write_all(msg).map_err(io_err("sending to", peer))?;
+            match check {
+                Check::Checksum => sent.update(msg),
+                Check::Length => sent.count(msg.len()),
+            }
+            msgs += 1;
         }
-        msgs += 1;
-    }
-    stream
-        .shutdown(Shutdown::Write)
-        .map_err(io_err("closing the stream to", peer))?;
-    let mut wire = [0; Digest::WIRE_LEN];
-    let mut spurious_eagain = 0;
-    read_exact_retrying(&mut stream, &mut wire, &mut spurious_eagain)
-        .map_err(io_err("reading the checksum reply from", peer))?;
+        stream
+            .shutdown(Shutdown::Write)
+            .map_err(io_err("closing the stream to", peer))?;
+        let reply = match reader {
+            Some(reader) => join(reader),
+            None => read_reply(&mut stream),
+        };
+        Ok::<_, Error>((
+            start,
+            reply.map_err(io_err("reading the checksum reply from", peer))?,
+        ))
+    })?;
     let elapsed_s = start.elapsed().as_secs_f64();
     let sent = sent.digest();
     let received = Digest::from_wire(wire);
@@ -122,6 +141,36 @@ fn stream_conn(
             Check::Length => sent.bytes == received.bytes,
         },
     })
+}
+
+/// The server's digest of a stream, and the spurious EAGAINs on the way.
+type Reply = ([u8; Digest::WIRE_LEN], u64);
+
+fn read_reply(stream: &mut Conn) -> io::Result<Reply> {
+    let mut wire = [0; Digest::WIRE_LEN];
+    let mut spurious_eagain = 0;
+    read_exact_retrying(stream, &mut wire, &mut spurious_eagain)?;
+    Ok((wire, spurious_eagain))
+}
+
+/// Starts a thread that reads the reply on its own handle of `stream`, and returns once it
+/// is (all but surely) waiting inside read().
+fn spawn_reader<'s>(
+    s: &'s thread::Scope<'s, '_>,
+    stream: &Conn,
+    peer: &Endpoint,
+) -> Result<ScopedJoinHandle<'s, io::Result<Reply>>, Error> {
+    let mut theirs = stream
+        .try_clone()
+        .map_err(io_err("opening a reader handle on the connection to", peer))?;
+    let (ready, started) = std::sync::mpsc::channel();
+    let reader = s.spawn(move || {
+        let _ = ready.send(());
+        read_reply(&mut theirs)
+    });
+    let _ = started.recv();
+    thread::sleep(READER_SETTLE);
+    Ok(reader)
 }
 
 /// Whether the server received exactly what was sent.

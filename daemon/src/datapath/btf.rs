@@ -3,6 +3,8 @@
 //! programs do not get. Members inside anonymous structs and unions are found too, as C
 //! code names them.
 
+use quicklane_common::PsockLayout;
+
 /// The running kernel's BTF.
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
@@ -174,6 +176,34 @@ pub fn tcp_nonagle_bit() -> u32 {
     })
 }
 
+/// Where the bypass sees a socket's psock (`PsockLayout`), all 0 when unknown (a reader then
+/// stays in the sockhash after its writer moved to TCP, as without this; logged once).
+pub fn psock_layout() -> PsockLayout {
+    static LAYOUT: std::sync::OnceLock<PsockLayout> = std::sync::OnceLock::new();
+    *LAYOUT.get_or_init(|| {
+        let found = std::fs::read(VMLINUX)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| psock_layout_of(&bytes).map_err(|e| e.to_string()));
+        found.unwrap_or_else(|e| {
+            tracing::warn!(
+                "{VMLINUX}: {e}; readers stay in the sockhash after their writer moves to TCP"
+            );
+            PsockLayout::default()
+        })
+    })
+}
+
+/// `PsockLayout` from a kernel's BTF.
+pub fn psock_layout_of(bytes: &[u8]) -> Result<PsockLayout, BtfError> {
+    let sock = member_offsets(bytes, "sock", &["sk_user_data"])?;
+    let psock = member_offsets(bytes, "sk_psock", &["refcnt", "ingress_msg"])?;
+    Ok(PsockLayout {
+        sk_user_data: sock[0],
+        refcnt: psock[0],
+        ingress_msg: psock[1],
+    })
+}
+
 /// The bit offset of `tcp_sock.nonagle` in a kernel's BTF.
 pub fn nonagle_bit(bytes: &[u8]) -> Result<u32, BtfError> {
     member_bit_offset(bytes, "tcp_sock", "nonagle")
@@ -331,6 +361,22 @@ mod tests {
         };
         let bit = nonagle_bit(&bytes).unwrap();
         assert!(bit > 0);
+    }
+
+    /// The running kernel's BTF places the psock fields the bypass reads (none of them can
+    /// be at offset 0: `sk_user_data` follows `sock_common`, `sk_psock` starts with its `sk`).
+    #[test]
+    fn the_running_kernels_psock_layout_is_known() {
+        let Ok(bytes) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI needs the kernel's BTF"
+            );
+            return;
+        };
+        let layout = psock_layout_of(&bytes).unwrap();
+        assert!(layout.known(), "{layout:?}");
+        assert_ne!(layout.refcnt, layout.ingress_msg);
     }
 
     /// The running kernel's `sock_common` keeps the fields the adoption iterator reads at

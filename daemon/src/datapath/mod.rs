@@ -577,6 +577,7 @@ pub fn load(
         large_msg_bytes: config.bypass.large_msg_bytes,
         large_msg_bytes_nodelay: config.bypass.large_msg_bytes_nodelay,
         tcp_nonagle_bit: btf::tcp_nonagle_bit(),
+        psock: btf::psock_layout(),
         // How far a shaped pod's bypassed bytes may run ahead of its rate. Whatever is ahead
         // when a connection leaves the bypass, its paced TCP inherits as lateness at the
         // shaper: at the full CE threshold every packet got marked and cubic fell to 0.92x of

@@ -13,7 +13,7 @@ use quicklane_common::{
     qos::{AddrKey, ClassActivity, QosPod, QosStats, CLASSES, MAX_PODS},
     senders::{PacedSock, Senders},
     sock::SockKey,
-    SockopsConfig, SOCKOPS_F_LOOPBACK_STREAMS_TCP,
+    PsockLayout, SockopsConfig, SOCKOPS_F_LOOPBACK_STREAMS_TCP,
 };
 
 /// Default capacity; `bypass.max_sockets` overrides it for `QL_SOCKS` and `QL_META`.
@@ -103,6 +103,11 @@ static QL_SOCKOPS_CONFIG: SockopsConfig = SockopsConfig {
     qos_credit_ns: 0,
     large_msg_bytes_nodelay: 0,
     tcp_nonagle_bit: 0,
+    psock: PsockLayout {
+        sk_user_data: 0,
+        refcnt: 0,
+        ingress_msg: 0,
+    },
 };
 
 #[inline(always)]
@@ -145,6 +150,20 @@ pub fn stream_policy() -> StreamPolicy {
 pub fn tcp_nonagle_bit() -> u32 {
     // SAFETY: as for `config_flags`.
     unsafe { core::ptr::read_volatile(core::ptr::addr_of!(QL_SOCKOPS_CONFIG.tcp_nonagle_bit)) }
+}
+
+/// See `PsockLayout`.
+#[inline(always)]
+pub fn psock_layout() -> PsockLayout {
+    let at = core::ptr::addr_of!(QL_SOCKOPS_CONFIG.psock);
+    // SAFETY: as for `config_flags`.
+    unsafe {
+        PsockLayout {
+            sk_user_data: core::ptr::read_volatile(core::ptr::addr_of!((*at).sk_user_data)),
+            refcnt: core::ptr::read_volatile(core::ptr::addr_of!((*at).refcnt)),
+            ingress_msg: core::ptr::read_volatile(core::ptr::addr_of!((*at).ingress_msg)),
+        }
+    }
 }
 
 /// See `SockopsConfig::qos_burst_ns`.

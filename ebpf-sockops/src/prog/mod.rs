@@ -3,6 +3,7 @@ mod charge;
 mod key;
 mod maps;
 mod pacing;
+mod psock;
 mod rules;
 mod skmsg;
 mod sockops;

@@ -1,14 +1,14 @@
 //! sk_msg: hand each message of an eligible connection to the peer socket's receive queue.
 use aya_ebpf::{
-    bindings::{sk_action::SK_PASS, BPF_F_INGRESS, BPF_NOEXIST},
+    bindings::{bpf_sock, sk_action::SK_PASS, BPF_F_INGRESS, BPF_NOEXIST},
     helpers::{bpf_probe_read_kernel, bpf_skc_to_tcp_sock},
     macros::sk_msg,
     programs::SkMsgContext,
 };
 use quicklane_common::{
     bypass::{
-        FlowKey, SockMeta, StreamKind, Traffic, META_F_ELIGIBLE, META_F_LEAVING, META_F_LOCKED_TCP,
-        META_F_SENT,
+        FlowKey, SockMeta, StreamKind, Traffic, META_F_ELIGIBLE, META_F_LEAVING,
+        META_F_LOCKED_ALONE, META_F_LOCKED_TCP, META_F_SENT,
     },
     counters::sockops as c,
     sock::SockKey,
@@ -20,6 +20,7 @@ use super::{
     maps::{
         count, rules_state, stream_policy, tcp_nonagle_bit, QL_FLOW_TRAFFIC, QL_META, QL_SOCKS,
     },
+    psock,
     rules::eligible,
 };
 
@@ -43,13 +44,13 @@ pub fn ql_sk_msg(ctx: SkMsgContext) -> u32 {
     if !eligible_now(&key, meta) {
         // Not (or no longer) eligible, or no local peer (yet): this message goes by TCP, so
         // the direction must stay there (redirected bytes could overtake it).
-        return lock_tcp(meta, c::MSG_NORMAL_PATH);
+        return lock_tcp(&ctx, meta, c::MSG_NORMAL_PATH);
     }
     let size = u64::from(ctx.size());
     let mut peer = key.peer();
     let Some(peer_meta) = QL_META.get_ptr_mut(&peer) else {
         // The peer closed: from here on this socket's bytes go by TCP, and never back.
-        return lock_tcp(meta, c::MSG_PEER_MISS);
+        return lock_tcp(&ctx, meta, c::MSG_PEER_MISS);
     };
     // SAFETY: live element of a BPF_F_NO_PREALLOC hash; the fields we touch are either
     // atomic or hints where a lost update only delays a decision by one message.
@@ -58,12 +59,12 @@ pub fn ql_sk_msg(ctx: SkMsgContext) -> u32 {
         // Switching this direction to TCP is safe at any time: the bytes already redirected
         // sit in the peer's redirect queue, which its reads drain before the TCP queue.
         count(reason, 1);
-        return lock_tcp(meta, c::MSG_NORMAL_PATH);
+        return lock_tcp(&ctx, meta, c::MSG_NORMAL_PATH);
     }
     if !charge::admit(meta, size) {
         // Over the pod's rate: TCP from here on, paced and shaped to it.
         count(c::CONN_DEMOTED_QOS, 1);
-        return lock_tcp(meta, c::MSG_NORMAL_PATH);
+        return lock_tcp(&ctx, meta, c::MSG_NORMAL_PATH);
     }
     // Increment first, then look: a peer that is leaving either sees our increment and stays,
     // or we see its flag and do not redirect (see SockMeta::rx_redirects).
@@ -73,10 +74,10 @@ pub fn ql_sk_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: aligned read of a live map value.
     let peer_flags = unsafe { core::ptr::read_volatile(&raw const peer_meta.flags) };
     if peer_flags & META_F_LEAVING != 0 {
-        return lock_tcp(meta, c::MSG_NORMAL_PATH);
+        return lock_tcp(&ctx, meta, c::MSG_NORMAL_PATH);
     }
     if QL_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) != i64::from(SK_PASS) {
-        return lock_tcp(meta, c::MSG_PEER_MISS);
+        return lock_tcp(&ctx, meta, c::MSG_PEER_MISS);
     }
     count(c::MSG_REDIRECTED, 1);
     count(c::MSG_REDIRECTED_BYTES, size);
@@ -100,13 +101,27 @@ unsafe fn atomic_add(dst: *mut u64, val: u64) {
 
 /// This socket's bytes take TCP from now on; they never come back to the redirect, so nothing
 /// can overtake them. It also asks to leave the sockhash (sock_ops does it at the next RTT
-/// sample if that is safe), so its writes stop paying for sk_msg and get TCP's batching.
+/// sample if that is safe), so its writes stop paying for sk_msg and get TCP's batching, and
+/// says whether its peer, the reader, may leave too (`META_F_LOCKED_ALONE`).
 #[inline(always)]
-fn lock_tcp(meta: &mut SockMeta, reason: u32) -> u32 {
-    meta.flags |= META_F_LOCKED_TCP | META_F_LEAVING;
+fn lock_tcp(ctx: &SkMsgContext, meta: &mut SockMeta, reason: u32) -> u32 {
+    // SAFETY: `sk` of the live sk_msg context.
+    let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk };
+    meta.flags |= META_F_LOCKED_TCP | META_F_LEAVING | alone(sk);
     count(reason, 1);
     count(c::CONN_LOCKED_TCP, 1);
     SK_PASS
+}
+
+/// `META_F_LOCKED_ALONE` if this send is the only one using the socket. Out of line: the
+/// six places that lock share one copy.
+#[inline(never)]
+fn alone(sk: *mut bpf_sock) -> u32 {
+    if psock::sole_sender(sk) {
+        META_F_LOCKED_ALONE
+    } else {
+        0
+    }
 }
 
 /// Whether this connection may use the redirect. On the first message, and after every rules

@@ -2,10 +2,11 @@
 //! then at establishment decide eligibility and enter the socket into `QL_SOCKS`.
 use aya_ebpf::{
     bindings::{
-        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_NEEDS_ECN,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
+        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_SOCK_OPS_NEEDS_ECN, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
+        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_delete_elem},
     macros::sock_ops,
@@ -14,7 +15,8 @@ use aya_ebpf::{
 use quicklane_common::{
     bypass::{
         ListenerKey, Origin, ServiceKey, SockMeta, IDLE_PROBE_EVERY, IDLE_STREAK, META_F_ACTIVE,
-        META_F_LEAVING, META_F_LEFT, META_F_LOCKED_TCP, META_F_PACED, META_F_SENT,
+        META_F_LEAVING, META_F_LEFT, META_F_LOCKED_ALONE, META_F_LOCKED_TCP, META_F_PACED,
+        META_F_SENT,
     },
     counters::sockops as c,
     sock::SockKey,
@@ -24,9 +26,10 @@ use quicklane_common::{
 use super::{
     key::key_from_ctx,
     maps::{
-        config_flags, count, rules_state, QL_LISTENERS, QL_META, QL_ORIGINS, QL_SERVICES, QL_SOCKS,
+        config_flags, count, psock_layout, rules_state, QL_LISTENERS, QL_META, QL_ORIGINS,
+        QL_SERVICES, QL_SOCKS,
     },
-    pacing,
+    pacing, psock,
     rules::{current_origin, eligible},
 };
 
@@ -56,6 +59,7 @@ pub fn ql_sockops(ctx: SockOpsContext) -> u32 {
             }
         }
         BPF_SOCK_OPS_RTT_CB => on_rtt(&ctx),
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => on_transmit(&ctx),
         BPF_SOCK_OPS_NEEDS_ECN => {
             if let Some(key) = key_from_ctx!(ctx.ops) {
                 if pacing::shaped(&key) {
@@ -209,8 +213,16 @@ fn on_established(ctx: &SockOpsContext, active: bool, paced: bool) {
         Ok(()) => {
             count(c::SOCK_INSERTED, 1);
             // Closing must remove the metadata (the sockhash entry goes by itself); RTT
-            // samples only happen once data takes TCP, which is when leaving is decided.
-            let flags = BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG;
+            // samples only happen once data takes TCP, which is when leaving is decided, and
+            // so do transmits, where a reader decides (a redirected connection sends no
+            // segment until one of its directions moves to TCP).
+            let flags = BPF_SOCK_OPS_STATE_CB_FLAG
+                | BPF_SOCK_OPS_RTT_CB_FLAG
+                | if psock_layout().known() {
+                    BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG
+                } else {
+                    0
+                };
             let _ = ctx.set_cb_flags((ctx.cb_flags() | flags) as i32);
         }
         Err(e) => {
@@ -386,6 +398,67 @@ fn on_rtt(ctx: &SockOpsContext) {
     if !paced {
         stop_rtt_callbacks(ctx);
     }
+}
+
+/// A tracked socket is sending a segment (`BPF_SOCK_OPS_HDR_OPT_LEN_CB`; no option is
+/// reserved): the one callback a pure reader gets, for the ACKs of the TCP bytes its writer
+/// sends once that writer has moved to TCP. If the writer moved alone (no redirect of its can
+/// still arrive), this reader leaves the sockhash as soon as its redirect queue is empty,
+/// and its reads skip tcp_bpf's recvmsg from then on. Decided either way, the callbacks stop.
+fn on_transmit(ctx: &SockOpsContext) {
+    if reader_decided(ctx) {
+        let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+    }
+}
+
+/// Whether this socket's fate as a reader is settled (see `on_transmit`).
+#[inline(always)]
+fn reader_decided(ctx: &SockOpsContext) -> bool {
+    let Some(mut key) = key_from_ctx!(ctx.ops) else {
+        return true;
+    };
+    let Some(meta) = QL_META.get_ptr_mut(&key) else {
+        return true;
+    };
+    // SAFETY: live element of a BPF_F_NO_PREALLOC hash.
+    let meta = unsafe { &mut *meta };
+    if meta.flags & META_F_LEFT != 0 {
+        return true;
+    }
+    let Some(peer) = QL_META.get_ptr(&key.peer()) else {
+        // The writer closed; what it redirected may still be queued here.
+        return true;
+    };
+    // SAFETY: aligned read of a live map value the peer's sk_msg writes.
+    let peer_flags = unsafe { core::ptr::read_volatile(&raw const (*peer).flags) };
+    if peer_flags & META_F_LOCKED_TCP == 0 {
+        // The writer still redirects. This socket sends by TCP while it does (a large
+        // answer to small requests): nothing to watch for. Otherwise a stray segment.
+        return meta.flags & META_F_LOCKED_TCP != 0;
+    }
+    if peer_flags & META_F_LOCKED_ALONE == 0 {
+        return true;
+    }
+    // SAFETY: the socket of the live sock_ops context.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() || !psock::redirect_queue_empty(sk) {
+        return false;
+    }
+    // SAFETY: deleting our own key from the sockhash; sock_ops is allowed to (sk_msg is not).
+    let removed = unsafe {
+        bpf_map_delete_elem(
+            core::ptr::addr_of!(QL_SOCKS).cast_mut().cast(),
+            core::ptr::addr_of_mut!(key).cast(),
+        )
+    } == 0;
+    if removed {
+        meta.flags |= META_F_LEAVING | META_F_LEFT;
+        count(c::READER_LEFT_MAP, 1);
+        if meta.flags & META_F_PACED == 0 {
+            stop_rtt_callbacks(ctx);
+        }
+    }
+    true
 }
 
 fn stop_rtt_callbacks(ctx: &SockOpsContext) {
