@@ -723,11 +723,7 @@ fn read_sizes_are_for_stream_servers_only() {
         "64",
     ])
     .unwrap();
-    let err = run_with_output(args, &mut Vec::new()).unwrap_err();
-    assert!(
-        matches!(err, Error::Usage(m) if m.contains("--read-size")),
-        "{err}"
-    );
+    assert_usage_error(args, "--read-size");
     for bad in ["0", "x"] {
         assert!(LoadgenArgs::try_parse_from([
             "loadgen",
@@ -769,12 +765,7 @@ fn length_checks_are_for_streams_only() {
             "length",
         ],
     ] {
-        let args = LoadgenArgs::try_parse_from(&side).unwrap();
-        let err = run_with_output(args, &mut Vec::new()).unwrap_err();
-        assert!(
-            matches!(err, Error::Usage(m) if m.contains("--check")),
-            "{side:?}: {err}"
-        );
+        assert_usage_error(LoadgenArgs::try_parse_from(&side).unwrap(), "--check");
     }
 }
 
@@ -814,9 +805,14 @@ fn reader_threads_are_for_streams_only() {
         "--reader-thread",
     ])
     .unwrap();
+    assert_usage_error(args, "--reader-thread");
+}
+
+/// Arguments that parse but are refused when run, naming `flag`, before anything starts.
+fn assert_usage_error(args: LoadgenArgs, flag: &str) {
     let err = run_with_output(args, &mut Vec::new()).unwrap_err();
     assert!(
-        matches!(err, Error::Usage(m) if m.contains("--reader-thread")),
-        "{err}"
+        matches!(&err, Error::Usage(m) if m.contains(flag)),
+        "{flag}: {err}"
     );
 }

@@ -348,15 +348,21 @@ mod tests {
         ));
     }
 
+    /// The running kernel's BTF; `None` (the test has nothing to check) only outside CI.
+    fn running_kernels_btf() -> Option<Vec<u8>> {
+        let bytes = std::fs::read(VMLINUX).ok();
+        assert!(
+            bytes.is_some() || std::env::var_os("CI").is_none(),
+            "CI needs the kernel's BTF"
+        );
+        bytes
+    }
+
     /// The running kernel's `tcp_sock` has the `nonagle` bits sk_msg reads, at a whole byte
     /// (sk_msg tests the lowest bit, `TCP_NAGLE_OFF`).
     #[test]
     fn the_running_kernels_tcp_sock_has_nonagle() {
-        let Ok(bytes) = std::fs::read("/sys/kernel/btf/vmlinux") else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI needs the kernel's BTF"
-            );
+        let Some(bytes) = running_kernels_btf() else {
             return;
         };
         let bit = nonagle_bit(&bytes).unwrap();
@@ -367,11 +373,7 @@ mod tests {
     /// be at offset 0: `sk_user_data` follows `sock_common`, `sk_psock` starts with its `sk`).
     #[test]
     fn the_running_kernels_psock_layout_is_known() {
-        let Ok(bytes) = std::fs::read("/sys/kernel/btf/vmlinux") else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI needs the kernel's BTF"
-            );
+        let Some(bytes) = running_kernels_btf() else {
             return;
         };
         let layout = psock_layout_of(&bytes).unwrap();
@@ -384,11 +386,7 @@ mod tests {
     #[test]
     fn the_running_kernels_sock_common_has_the_fixed_head() {
         use quicklane_common::adopt::sock_common as skc;
-        let Ok(bytes) = std::fs::read("/sys/kernel/btf/vmlinux") else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI needs the kernel's BTF"
-            );
+        let Some(bytes) = running_kernels_btf() else {
             return;
         };
         let names = [
