@@ -146,7 +146,7 @@ fn reference_table(md: &mut String, r: &Results) {
         let Some(tcp) = reference.against.as_deref() else {
             continue;
         };
-        let path = tcp.rsplit('.').next().unwrap_or(tcp);
+        let path = path_of(tcp);
         let fig = |metric: &str, mode| r.figure(metric, reference.msg_size, mode);
         let (Some(base), Some(unix)) = (
             fig(tcp, Mode::Baseline),

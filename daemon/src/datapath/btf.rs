@@ -163,16 +163,10 @@ impl<'a> Btf<'a> {
 pub fn tcp_nonagle_bit() -> u32 {
     static BIT: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *BIT.get_or_init(|| {
-        let found = std::fs::read(VMLINUX)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| nonagle_bit(&bytes).map_err(|e| e.to_string()));
-        found.unwrap_or_else(|e| {
-            tracing::warn!(
-                "{VMLINUX}: {e}; TCP_NODELAY writers get bypass.large_msg_bytes, not \
-                 large_msg_bytes_nodelay"
-            );
-            0
-        })
+        from_vmlinux(
+            nonagle_bit,
+            "TCP_NODELAY writers get bypass.large_msg_bytes, not large_msg_bytes_nodelay",
+        )
     })
 }
 
@@ -181,15 +175,25 @@ pub fn tcp_nonagle_bit() -> u32 {
 pub fn psock_layout() -> PsockLayout {
     static LAYOUT: std::sync::OnceLock<PsockLayout> = std::sync::OnceLock::new();
     *LAYOUT.get_or_init(|| {
-        let found = std::fs::read(VMLINUX)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| psock_layout_of(&bytes).map_err(|e| e.to_string()));
-        found.unwrap_or_else(|e| {
-            tracing::warn!(
-                "{VMLINUX}: {e}; readers stay in the sockhash after their writer moves to TCP"
-            );
-            PsockLayout::default()
-        })
+        from_vmlinux(
+            psock_layout_of,
+            "readers stay in the sockhash after their writer moves to TCP",
+        )
+    })
+}
+
+/// `find` applied to the running kernel's BTF; the default (the datapath's "unknown") with a
+/// warning saying what `unknown_means` if the BTF is missing or lacks what `find` looks for.
+fn from_vmlinux<T: Default>(
+    find: impl FnOnce(&[u8]) -> Result<T, BtfError>,
+    unknown_means: &str,
+) -> T {
+    let found = std::fs::read(VMLINUX)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| find(&bytes).map_err(|e| e.to_string()));
+    found.unwrap_or_else(|e| {
+        tracing::warn!("{VMLINUX}: {e}; {unknown_means}");
+        T::default()
     })
 }
 

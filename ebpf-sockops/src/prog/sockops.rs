@@ -381,17 +381,8 @@ fn on_rtt(ctx: &SockOpsContext) {
     // SAFETY: aligned read of a live map value; pairs with the peer's atomic increment (see
     // SockMeta::rx_redirects), and LEAVING was set at least one RTT ago.
     let rx = unsafe { core::ptr::read_volatile(&raw const meta.rx_redirects) };
-    // SAFETY: deleting our own key from the sockhash; sock_ops is allowed to (sk_msg is not).
-    let removed = rx == 0
-        && unsafe {
-            bpf_map_delete_elem(
-                core::ptr::addr_of!(QL_SOCKS).cast_mut().cast(),
-                core::ptr::addr_of!(key).cast(),
-            )
-        } == 0;
-    if removed {
-        meta.flags |= META_F_LEFT;
-        count(c::SOCK_LEFT_MAP, 1);
+    if rx == 0 {
+        leave_sockhash(&key, meta, c::SOCK_LEFT_MAP);
     }
     // Decided either way (a socket with redirected bytes in its queue stays for good): no
     // more callbacks on every ACK, unless pacing still needs them.
@@ -414,7 +405,7 @@ fn on_transmit(ctx: &SockOpsContext) {
 /// Whether this socket's fate as a reader is settled (see `on_transmit`).
 #[inline(always)]
 fn reader_decided(ctx: &SockOpsContext) -> bool {
-    let Some(mut key) = key_from_ctx!(ctx.ops) else {
+    let Some(key) = key_from_ctx!(ctx.ops) else {
         return true;
     };
     let Some(meta) = QL_META.get_ptr_mut(&key) else {
@@ -444,21 +435,28 @@ fn reader_decided(ctx: &SockOpsContext) -> bool {
     if sk.is_null() || !psock::redirect_queue_empty(sk) {
         return false;
     }
-    // SAFETY: deleting our own key from the sockhash; sock_ops is allowed to (sk_msg is not).
+    if leave_sockhash(&key, meta, c::READER_LEFT_MAP) && meta.flags & META_F_PACED == 0 {
+        stop_rtt_callbacks(ctx);
+    }
+    true
+}
+
+/// Removes this socket's own key from the sockhash (sock_ops may; sk_msg may not) and marks
+/// it as gone (peers stop redirecting to a leaving socket), counting the removal in `counter`.
+#[inline(always)]
+fn leave_sockhash(key: &SockKey, meta: &mut SockMeta, counter: u32) -> bool {
+    // SAFETY: the key of the socket this callback runs for.
     let removed = unsafe {
         bpf_map_delete_elem(
             core::ptr::addr_of!(QL_SOCKS).cast_mut().cast(),
-            core::ptr::addr_of_mut!(key).cast(),
+            core::ptr::from_ref(key).cast(),
         )
     } == 0;
     if removed {
         meta.flags |= META_F_LEAVING | META_F_LEFT;
-        count(c::READER_LEFT_MAP, 1);
-        if meta.flags & META_F_PACED == 0 {
-            stop_rtt_callbacks(ctx);
-        }
+        count(counter, 1);
     }
-    true
+    removed
 }
 
 fn stop_rtt_callbacks(ctx: &SockOpsContext) {
