@@ -35,13 +35,16 @@ pub const IDLE_PROBE_EVERY: u32 = 4;
 
 /// When an unanswered stream moves from the redirect to TCP. A redirect costs one queued
 /// message, one reader wakeup and the reader's socket lock per message: TCP beats it on
-/// streams of small messages (it batches many writes into one segment and one wakeup), on
-/// streams of large ones (the writer waits for the reader's lock while the reader copies,
-/// where TCP queues to the socket backlog and pipelines), and over loopback at every size.
+/// streams of tiny messages from a writer with Nagle's algorithm on (Nagle holds them back
+/// until an ACK and sends dozens as one segment and one wakeup), on streams of large ones
+/// (the writer waits for the reader's lock while the reader copies, where TCP queues to the
+/// socket backlog and pipelines), and over loopback at every size. A TCP_NODELAY writer's
+/// small writes leave one segment each, so the redirect carries them better at every size.
 /// Request/response stays: each answer starts a new window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamPolicy {
-    /// A window averaging below this many bytes per message is a small-message stream.
+    /// A window averaging below this many bytes per message, from a writer with Nagle's
+    /// algorithm on, is a small-message stream (0: never).
     pub small_bytes: u32,
     /// A window averaging at least this many bytes per message is a large-message stream
     /// (0: never).
@@ -87,7 +90,7 @@ impl StreamPolicy {
         } else {
             self.large_bytes
         };
-        if bytes < self.small_bytes as u64 * msgs {
+        if !nodelay && bytes < self.small_bytes as u64 * msgs {
             Some(StreamKind::Small)
         } else if self.loopback && loopback {
             Some(StreamKind::Loopback)
@@ -224,7 +227,7 @@ mod tests {
     use super::*;
 
     const POLICY: StreamPolicy = StreamPolicy {
-        small_bytes: 4096,
+        small_bytes: 192,
         large_bytes: 32768,
         large_bytes_nodelay: 8192,
         streak: 32,
@@ -238,7 +241,8 @@ mod tests {
         assert_eq!(POLICY.judge(31, 31, false, false), None, "window not full");
         assert_eq!(judge(64, false), Some(Small));
         assert_eq!(judge(64, true), Some(Small));
-        assert_eq!(judge(4095, false), Some(Small));
+        assert_eq!(judge(191, false), Some(Small));
+        assert_eq!(judge(192, false), None);
         assert_eq!(judge(4096, false), None);
         assert_eq!(judge(32767, false), None);
         assert_eq!(judge(32768, false), Some(Large));
@@ -275,7 +279,14 @@ mod tests {
             None,
             "Nagle's writer keeps the redirect"
         );
-        assert_eq!(judge(4095, true), Some(Small));
+        for size in [1, 64, 191] {
+            assert_eq!(
+                judge(size, true),
+                None,
+                "a TCP_NODELAY writer's small writes keep the redirect"
+            );
+        }
+        assert_eq!(judge(64, false), Some(Small));
         let unset = StreamPolicy {
             large_bytes_nodelay: 0,
             ..POLICY

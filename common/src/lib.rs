@@ -25,8 +25,9 @@ pub struct SockopsConfig {
     pub abi_version: u32,
     /// `SOCKOPS_F_*` bits.
     pub flags: u32,
-    /// A window of unanswered messages averaging below this size is a small-message stream,
-    /// which moves to TCP (0: never). See `bypass::StreamPolicy`.
+    /// A window of unanswered messages averaging below this size, from a writer with
+    /// Nagle's algorithm on, is a small-message stream, which moves to TCP (0: never). See
+    /// `bypass::StreamPolicy`.
     pub small_msg_bytes: u32,
     /// Messages per window: the sending direction is judged after this many messages with
     /// no message from the peer in between.

@@ -596,7 +596,7 @@ fn bypassed_bytes_are_accounted_per_pod_and_direction() {
 }
 
 #[test]
-fn small_message_streams_move_to_tcp_while_small_request_response_stays() {
+fn nagle_small_message_streams_move_to_tcp_while_nodelay_ones_and_request_response_stay() {
     if !privileged("bypass small messages") {
         return;
     }
@@ -605,13 +605,14 @@ fn small_message_streams_move_to_tcp_while_small_request_response_stays() {
     let _srv = server(b, "stream", 7101, 30, &[]);
     let _echo = server(b, "rr", 7102, 30, &["--msg-size", "64"]);
 
+    // With Nagle's algorithm on, as qperf writes.
     let before = status(&node);
     let report = client(
         a,
         &format!("{}:7101", b.ipv4()),
         "stream",
         1,
-        &["--msg-size", "64", "--conns", "2"],
+        &["--msg-size", "64", "--conns", "2", "--no-nodelay"],
     );
     assert_stream_ok(&report);
     let after = status(&node);
@@ -628,6 +629,26 @@ fn small_message_streams_move_to_tcp_while_small_request_response_stays() {
     assert!(
         report["msgs"].as_u64().unwrap() > 1000 * delta("sk_msg_calls"),
         "after leaving, the writers' messages no longer run sk_msg"
+    );
+
+    // A TCP_NODELAY writer (the load generator's default) sends each small write as its own
+    // segment, which the redirect beats: its stream stays, every message redirected.
+    let before = status(&node);
+    let report = client(
+        a,
+        &format!("{}:7101", b.ipv4()),
+        "stream",
+        1,
+        &["--msg-size", "64", "--conns", "2"],
+    );
+    assert_stream_ok(&report);
+    let after = status(&node);
+    let delta = |name: &str| counter(&after, "sockops", name) - counter(&before, "sockops", name);
+    assert_eq!(delta("conn_demoted_small_msgs"), 0, "{after:#}");
+    assert_eq!(delta("conn_locked_tcp"), 0, "{after:#}");
+    assert!(
+        delta("msg_redirected") >= report["msgs"].as_u64().unwrap(),
+        "every message of the TCP_NODELAY stream was redirected: {report:#} {after:#}"
     );
 
     let before = status(&node);
@@ -670,7 +691,7 @@ fn a_reader_stays_while_its_writers_socket_has_another_user() {
     let target = format!("{}:7151", b.ipv4());
     for (extra, readers_left) in [(&["--reader-thread"][..], 0), (&[][..], 2)] {
         let before = status(&node);
-        let mut args = vec!["--msg-size", "64", "--conns", "2"];
+        let mut args = vec!["--msg-size", "64", "--conns", "2", "--no-nodelay"];
         args.extend_from_slice(extra);
         let report = client(a, &target, "stream", 1, &args);
         assert_stream_ok(&report);

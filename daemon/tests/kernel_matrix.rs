@@ -510,12 +510,13 @@ fn agent_attaches_bypass_and_redirects() {
             assert!(counter(&after, "sockops", "sock_ops_calls") > 0);
             let redirected = counter(&after, "sockops", "msg_redirected");
             assert!(redirected > 0, "no message took the bypass: {after:#}");
-            // Small-message streams move to TCP; their readers follow once their redirect
-            // queue is final, which it is not while the writer's socket has a second user.
+            // Small-message streams (with Nagle's algorithm on) move to TCP; their readers
+            // follow once their redirect queue is final, which it is not while the writer's
+            // socket has a second user.
             let mut readers = Vec::new();
             for extra in [&[][..], &["--reader-thread"]] {
                 let before = counter(&status(&node), "sockops", "sockhash_reader_left");
-                let mut args = vec!["--msg-size", "64", "--conns", "2"];
+                let mut args = vec!["--msg-size", "64", "--conns", "2", "--no-nodelay"];
                 args.extend_from_slice(extra);
                 let report = client(a, &format!("{}:5101", b.ipv4()), "stream", 1, &args);
                 assert_eq!(report["checksum_ok"], true, "{report:#}");

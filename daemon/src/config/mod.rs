@@ -17,7 +17,7 @@ pub use qos::{QosConfig, QosMode, QosPodConfig, QosPolicy};
 /// preallocated buckets alone cost more memory than a node agent should take by surprise.
 pub const MAX_SOCKETS_LIMIT: u32 = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
-pub const DEFAULT_SMALL_MSG_BYTES: u32 = 4096;
+pub const DEFAULT_SMALL_MSG_BYTES: u32 = 192;
 pub const DEFAULT_LARGE_MSG_BYTES: u32 = 32 * 1024;
 pub const DEFAULT_LARGE_MSG_BYTES_NODELAY: u32 = 8 * 1024;
 pub const DEFAULT_STREAM_STREAK: u32 = 32;
@@ -107,8 +107,8 @@ pub struct BypassConfig {
     /// Service ports (the server's port of a connection) to accelerate; empty: all.
     pub include_ports: Vec<u16>,
     pub exclude_ports: Vec<u16>,
-    /// A window of unanswered messages averaging below this many bytes is a small-message
-    /// stream, which moves to TCP (0: never).
+    /// A window of unanswered messages averaging below this many bytes, from a writer with
+    /// Nagle's algorithm on, is a small-message stream, which moves to TCP (0: never).
     pub small_msg_bytes: u32,
     /// ... averaging at least this many bytes, a large-message stream (0: never).
     pub large_msg_bytes: u32,
@@ -419,14 +419,12 @@ impl Config {
             ));
         }
         let nodelay = self.bypass.large_msg_bytes_nodelay;
-        if nodelay != 0 && (nodelay <= small || (large != 0 && nodelay > large)) {
+        // small_msg_bytes does not apply to TCP_NODELAY writers, so it bounds nothing here.
+        if nodelay != 0 && large != 0 && nodelay > large {
             return Err(bad(
                 "bypass.large_msg_bytes_nodelay",
                 nodelay.to_string(),
-                &format!(
-                    "0 (as large_msg_bytes) or more than bypass.small_msg_bytes ({small}) and at \
-                     most bypass.large_msg_bytes ({large})"
-                ),
+                &format!("0 (as large_msg_bytes) or at most bypass.large_msg_bytes ({large})"),
             ));
         }
         Ok(())
@@ -611,13 +609,16 @@ mod tests {
         assert!(e.contains("more than bypass.small_msg_bytes (8192)"), "{e}");
         let e = err("[bypass]\nstream_streak = 0\n");
         assert!(e.contains("`bypass.stream_streak`"), "{e}");
-        for bad in [2048, 4096, 65536] {
+        for bad in [32769, 65536] {
             let e = err(&format!("[bypass]\nlarge_msg_bytes_nodelay = {bad}\n"));
             assert!(e.contains("`bypass.large_msg_bytes_nodelay`"), "{e}");
             assert!(e.contains("at most bypass.large_msg_bytes (32768)"), "{e}");
         }
-        let ok = parse("[bypass]\nlarge_msg_bytes_nodelay = 16384\n").unwrap();
-        assert_eq!(ok.bypass.large_msg_bytes_nodelay, 16384);
+        // Below small_msg_bytes too: that bound is for writers with Nagle's algorithm on.
+        for good in [16384, 128] {
+            let ok = parse(&format!("[bypass]\nlarge_msg_bytes_nodelay = {good}\n")).unwrap();
+            assert_eq!(ok.bypass.large_msg_bytes_nodelay, good);
+        }
         assert_eq!(
             parse("").unwrap().bypass.large_msg_bytes_nodelay,
             DEFAULT_LARGE_MSG_BYTES_NODELAY

@@ -165,7 +165,7 @@ pub fn tcp_nonagle_bit() -> u32 {
     *BIT.get_or_init(|| {
         from_vmlinux(
             nonagle_bit,
-            "TCP_NODELAY writers get bypass.large_msg_bytes, not large_msg_bytes_nodelay",
+            "TCP_NODELAY writers are judged as Nagle's: small_msg_bytes and large_msg_bytes apply",
         )
     })
 }

@@ -177,8 +177,8 @@ fn stream_for_tcp(
     if meta.unanswered < policy.streak {
         return None;
     }
-    // Read once per window, not per message: only the large-stream bound depends on it.
-    let nodelay = policy.large_bytes_nodelay != 0 && nagle_off(ctx);
+    // Read once per window, not per message, and only where a bound depends on it.
+    let nodelay = (policy.small_bytes != 0 || policy.large_bytes_nodelay != 0) && nagle_off(ctx);
     let kind = policy.judge(
         meta.unanswered,
         meta.unanswered_bytes,
