@@ -12,6 +12,11 @@
 //! ```
 //!
 //! Prints one line per sample and a summary (median, min, max, ratio of medians to base).
+//! `--bpf-stats` also turns on the kernel's BPF run-time statistics for the run and prints
+//! what the agent's sock_ops and sk_msg programs cost per connection / transaction / MB (calls
+//! and ns): the hooks' own share of a figure too close to the noise to see in the ratio. The
+//! statistics add two clock reads to every program run, so ratios taken with it are a little
+//! lower than without.
 //! Needs root; everything it creates goes with the node.
 use std::{
     collections::BTreeMap,
@@ -46,6 +51,7 @@ struct Args {
     /// Client and servers on the bench's two CPUs (`loadgen --cpu`), as its connect step:
     /// the scheduler's placement of the two ends is one source of run-to-run spread.
     pin: Option<[usize; 2]>,
+    bpf_stats: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -64,6 +70,7 @@ fn parse_args() -> Result<Args> {
         read_size: None,
         nagle: false,
         pin: None,
+        bpf_stats: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -75,6 +82,7 @@ fn parse_args() -> Result<Args> {
             "--stream-size" => args.stream_size = val()?.parse()?,
             "--read-size" => args.read_size = Some(val()?.parse()?),
             "--nagle" => args.nagle = true,
+            "--bpf-stats" => args.bpf_stats = true,
             "--pin" => {
                 args.pin = Some(quicklane_bench::two_cpus().context("--pin needs two CPUs")?);
             }
@@ -186,9 +194,15 @@ fn cgroup_usage_us(node: &Node) -> Result<u64> {
         .map_err(Into::into)
 }
 
-/// The test's figure, and the CPU time the node's cgroup (both pods) used per unit of work
-/// (connect: us per connection; rr: us per transaction; stream: us per MB).
-fn run_test(node: &Node, args: &Args, test: &str) -> Result<(f64, f64)> {
+/// What one test measured: its figure, and the units of work it did (connect: connections;
+/// rr: transactions; stream: MB), which the CPU time and BPF time are divided by.
+struct Measured {
+    figure: f64,
+    units: f64,
+}
+
+/// The test's figure, and the CPU time the node's cgroup (both pods) used per unit of work.
+fn run_test(node: &Node, args: &Args, test: &str) -> Result<(Measured, f64)> {
     let peer = node.pod(1).ipv4();
     let (port, extra): (u16, Vec<String>) = match test {
         "connect" => (CONNECT_PORT, vec!["--conns".into(), args.conns.to_string()]),
@@ -226,22 +240,66 @@ fn run_test(node: &Node, args: &Args, test: &str) -> Result<(f64, f64)> {
     let cpu = (cgroup_usage_us(node)? - cpu_before) as f64;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().last().unwrap_or_default();
-    Ok(match parse_report(line)? {
+    let measured = match parse_report(line)? {
         Report::Connect(r) => {
             if r.errors > 0 {
                 eprintln!("  connect errors: {} ({:?})", r.errors, r.first_error);
             }
-            (r.connects_per_s, cpu / r.connects as f64)
+            Measured {
+                figure: r.connects_per_s,
+                units: r.connects as f64,
+            }
         }
-        Report::Rr(r) => (r.p50_us, cpu / r.transactions as f64),
+        Report::Rr(r) => Measured {
+            figure: r.p50_us,
+            units: r.transactions as f64,
+        },
         Report::Stream(r) => {
             if !r.checksum_ok {
                 bail!("stream length mismatch");
             }
-            (r.gbit_per_s, cpu / (r.bytes as f64 / 1e6))
+            Measured {
+                figure: r.gbit_per_s,
+                units: r.bytes as f64 / 1e6,
+            }
         }
         Report::Server(_) => bail!("unexpected report"),
-    })
+    };
+    let cpu = cpu / measured.units;
+    Ok((measured, cpu))
+}
+
+/// The agent's programs whose cost `--bpf-stats` reports.
+const STATS_PROGRAMS: [&str; 2] = ["ql_sockops", "ql_sk_msg"];
+
+/// Run time and runs so far of every loaded program named like `STATS_PROGRAMS[i]`, by
+/// program id (an agent's restart loads new ones).
+fn bpf_runs() -> Result<BTreeMap<u32, (usize, Duration, u64)>> {
+    let mut runs = BTreeMap::new();
+    for info in aya::programs::loaded_programs() {
+        let info = info?;
+        let name = info.name_as_str().unwrap_or_default();
+        if let Some(i) = STATS_PROGRAMS.iter().position(|p| *p == name) {
+            runs.insert(info.id(), (i, info.run_time(), info.run_count()));
+        }
+    }
+    Ok(runs)
+}
+
+/// Per program of `STATS_PROGRAMS`: (runs, ns) between two `bpf_runs` snapshots.
+fn bpf_delta(
+    before: &BTreeMap<u32, (usize, Duration, u64)>,
+    after: &BTreeMap<u32, (usize, Duration, u64)>,
+) -> [(f64, f64); 2] {
+    let mut out = [(0.0, 0.0); 2];
+    for (id, &(i, time, count)) in after {
+        let (t0, c0) = before
+            .get(id)
+            .map_or((Duration::ZERO, 0), |&(_, t, c)| (t, c));
+        out[i].0 += count.saturating_sub(c0) as f64;
+        out[i].1 += time.saturating_sub(t0).as_nanos() as f64;
+    }
+    out
 }
 
 fn stats(v: &[f64]) -> (f64, f64, f64) {
@@ -260,6 +318,12 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
 fn main() -> Result<()> {
     let args = parse_args()?;
     simnode::require_root()?;
+    // Held for the whole run: the kernel counts while any such descriptor is open.
+    let _stats = args
+        .bpf_stats
+        .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime))
+        .transpose()
+        .context("enabling BPF run-time statistics")?;
     let node = Node::new(2)?;
     let config = quicklane_bench::write_agent_config(&node)?;
     let lifetime = "100000";
@@ -311,8 +375,31 @@ fn main() -> Result<()> {
                 None => None,
             };
             for test in &args.tests {
-                let (v, cpu) = run_test(&node, &args, test)?;
+                let runs_before = if args.bpf_stats && agent.is_some() {
+                    Some(bpf_runs()?)
+                } else {
+                    None
+                };
+                let (measured, cpu) = run_test(&node, &args, test)?;
+                let v = measured.figure;
                 println!("rep {rep} {name:<12} {test:<8} {v:.2}  cpu {cpu:.3}");
+                if let Some(before) = runs_before {
+                    let costs = bpf_delta(&before, &bpf_runs()?);
+                    let mut total_us = 0.0;
+                    for (prog, (runs, ns)) in STATS_PROGRAMS.iter().zip(costs) {
+                        let per_run = if runs > 0.0 { ns / runs } else { 0.0 };
+                        println!(
+                            "  bpf: {prog:<10} {:>8.2} runs x {per_run:>6.0} ns = {:>8.3} us per unit",
+                            runs / measured.units,
+                            ns / measured.units / 1e3
+                        );
+                        total_us += ns / measured.units / 1e3;
+                    }
+                    samples
+                        .entry((format!("{test}-bpf"), name.clone()))
+                        .or_default()
+                        .push(total_us);
+                }
                 samples
                     .entry((test.clone(), name.clone()))
                     .or_default()
@@ -342,18 +429,22 @@ fn main() -> Result<()> {
     }
     println!(
         "\nsummary ({} reps x {} s; connect: conn/s, rr: p50 us, stream: Gbit/s; -cpu: pods' CPU us \
-         per connection / transaction / MB; ratio = median of per-repetition arm/base)",
+         per connection / transaction / MB; -bpf: the agent's sock_ops + sk_msg run time, us per \
+         the same unit; ratio = median of per-repetition arm/base)",
         args.reps, args.secs
     );
     let metrics: Vec<String> = args
         .tests
         .iter()
-        .flat_map(|t| [t.clone(), format!("{t}-cpu")])
+        .flat_map(|t| [t.clone(), format!("{t}-cpu"), format!("{t}-bpf")])
         .collect();
     for test in &metrics {
         let base = samples.get(&(test.clone(), "base".into())).cloned();
         for (name, _) in &args.arms {
-            let v = &samples[&(test.clone(), name.clone())];
+            // -bpf: agent arms only, and only with --bpf-stats.
+            let Some(v) = samples.get(&(test.clone(), name.clone())) else {
+                continue;
+            };
             let (med, min, max) = stats(v);
             let ratio = base.as_ref().map_or(String::new(), |b| {
                 let per_rep: Vec<f64> = v.iter().zip(b).map(|(x, y)| x / y).collect();

@@ -3,9 +3,9 @@
 use aya_ebpf::{
     bindings::{
         BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
-        BPF_SOCK_OPS_NEEDS_ECN, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
-        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_SOCK_OPS_NEEDS_ECN, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB_FLAG,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_delete_elem},
@@ -20,7 +20,7 @@ use quicklane_common::{
     },
     counters::sockops as c,
     sock::SockKey,
-    SOCKOPS_F_BYPASS,
+    SOCKOPS_F_BYPASS, SOCKOPS_F_PACING,
 };
 
 use super::{
@@ -60,7 +60,7 @@ pub fn ql_sockops(ctx: SockOpsContext) -> u32 {
         }
         BPF_SOCK_OPS_RTT_CB => on_rtt(&ctx),
         BPF_SOCK_OPS_HDR_OPT_LEN_CB => on_transmit(&ctx),
-        BPF_SOCK_OPS_NEEDS_ECN => {
+        BPF_SOCK_OPS_NEEDS_ECN if pacing_on() => {
             if let Some(key) = key_from_ctx!(ctx.ops) {
                 if pacing::shaped(&key) {
                     ctx.set_reply(1);
@@ -78,10 +78,17 @@ pub fn ql_sockops(ctx: SockOpsContext) -> u32 {
 /// stack on top of each other.
 #[inline(always)]
 fn established(ctx: &SockOpsContext, active: bool, bypass: bool) {
-    let paced = key_from_ctx!(ctx.ops).is_some_and(|key| pacing::start(ctx, &key));
+    let paced = pacing_on() && key_from_ctx!(ctx.ops).is_some_and(|key| pacing::start(ctx, &key));
     if bypass {
         on_established(ctx, active, paced);
     }
+}
+
+/// Checked before a connection's key is read: every connection passes through here several
+/// times, and on a node without QoS policies none of them needs it for pacing.
+#[inline(always)]
+fn pacing_on() -> bool {
+    config_flags() & SOCKOPS_F_PACING != 0
 }
 
 fn on_connect(ctx: &SockOpsContext) {
@@ -270,14 +277,20 @@ fn service_streak(service: &ServiceKey) -> u32 {
 
 /// One skipped client in `IDLE_PROBE_EVERY` (by socket cookie) asks for its close, where
 /// `on_state` sees whether it carried data and, if so, wakes its service. A state callback
-/// and a lookup at close, instead of the sockhash entry and psock a tracked probe costs.
+/// at close, instead of the sockhash entry and psock a tracked probe costs.
 #[inline(always)]
 fn observe_idle_client(ctx: &SockOpsContext) {
     // SAFETY: helper on the live sock_ops context.
     if unsafe { bpf_get_socket_cookie(ctx.ops.cast()) } % u64::from(IDLE_PROBE_EVERY) == 0 {
-        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | PROBE_CB_FLAGS) as i32);
     }
 }
+
+/// What a probe of an idle service asks for: its close, and `BPF_SOCK_OPS_RTO_CB_FLAG` as
+/// its mark, so its close needs no lookup in the sockhash-sized `QL_META` (a cache miss) to
+/// know it is untracked. Tracked sockets never set that flag, and its callback (a
+/// retransmission timeout, rare) falls through `ql_sockops` untouched.
+const PROBE_CB_FLAGS: u32 = BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG;
 
 fn on_state(ctx: &SockOpsContext) {
     if ctx.arg(1) != BPF_TCP_CLOSE {
@@ -286,7 +299,9 @@ fn on_state(ctx: &SockOpsContext) {
     let Some(key) = key_from_ctx!(ctx.ops) else {
         return;
     };
-    let Some(meta) = QL_META.get_ptr(&key) else {
+    let probe = ctx.cb_flags() & PROBE_CB_FLAGS == PROBE_CB_FLAGS;
+    let meta = if probe { None } else { QL_META.get_ptr(&key) };
+    let Some(meta) = meta else {
         // Untracked: an observed client of an idle service (or a paced socket, for which
         // the same holds: it carried data to whatever service it reached).
         if carried_data(ctx) {
