@@ -39,9 +39,17 @@ const MIN_GSO_BYTES: u64 = 2 * 1448;
 /// Margin on top, so TCP never queues against the shaper and never meets its drop horizon.
 const MARGIN_PER_MILLE: u64 = 995;
 
+/// Whether the agent runs QoS policies. Checked before a connection's key is read: every
+/// connection passes through sock_ops several times, and on a node without policies none of
+/// them needs the key for pacing.
+#[inline(always)]
+pub fn enabled() -> bool {
+    config_flags() & SOCKOPS_F_PACING != 0
+}
+
 /// Starts pacing a newly established socket if either end is shaped; true if it is paced.
 pub fn start(ctx: &SockOpsContext, key: &SockKey) -> bool {
-    if config_flags() & SOCKOPS_F_PACING == 0 || !apply(ctx, key) {
+    if !enabled() || !apply(ctx, key) {
         return false;
     }
     count(c::CONN_PACED, 1);
@@ -60,7 +68,7 @@ pub fn shaped(key: &SockKey) -> bool {
 /// is), 0 where not.
 #[inline(always)]
 pub fn shaped_slots(key: &SockKey) -> (u32, u32) {
-    if config_flags() & SOCKOPS_F_PACING == 0 {
+    if !enabled() {
         return (0, 0);
     }
     let shaped_slot = |addr: [u32; 4], dir: u32| {
@@ -79,7 +87,7 @@ pub fn shaped_slots(key: &SockKey) -> (u32, u32) {
 /// Re-applies the rate at an RTT sample of a paced socket; false (and the pacing cap
 /// lifted) once its pods lost their policy, so the caller can stop the RTT callbacks.
 pub fn refresh(ctx: &SockOpsContext, key: &SockKey) -> bool {
-    if config_flags() & SOCKOPS_F_PACING != 0 && apply(ctx, key) {
+    if enabled() && apply(ctx, key) {
         count(c::PACING_UPDATES, 1);
         return true;
     }
@@ -91,7 +99,7 @@ pub fn refresh(ctx: &SockOpsContext, key: &SockKey) -> bool {
 /// Forgets a closing socket's marks. Without QoS no socket has any: a node that runs only
 /// the bypass pays no hash delete per closing connection.
 pub fn forget(ctx: &SockOpsContext) {
-    if config_flags() & SOCKOPS_F_PACING == 0 {
+    if !enabled() {
         return;
     }
     // SAFETY: helper on the live sock_ops context.

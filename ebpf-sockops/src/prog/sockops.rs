@@ -20,7 +20,7 @@ use quicklane_common::{
     },
     counters::sockops as c,
     sock::SockKey,
-    SOCKOPS_F_BYPASS, SOCKOPS_F_PACING,
+    SOCKOPS_F_BYPASS,
 };
 
 use super::{
@@ -60,7 +60,7 @@ pub fn ql_sockops(ctx: SockOpsContext) -> u32 {
         }
         BPF_SOCK_OPS_RTT_CB => on_rtt(&ctx),
         BPF_SOCK_OPS_HDR_OPT_LEN_CB => on_transmit(&ctx),
-        BPF_SOCK_OPS_NEEDS_ECN if pacing_on() => {
+        BPF_SOCK_OPS_NEEDS_ECN if pacing::enabled() => {
             if let Some(key) = key_from_ctx!(ctx.ops) {
                 if pacing::shaped(&key) {
                     ctx.set_reply(1);
@@ -78,17 +78,11 @@ pub fn ql_sockops(ctx: SockOpsContext) -> u32 {
 /// stack on top of each other.
 #[inline(always)]
 fn established(ctx: &SockOpsContext, active: bool, bypass: bool) {
-    let paced = pacing_on() && key_from_ctx!(ctx.ops).is_some_and(|key| pacing::start(ctx, &key));
+    let paced =
+        pacing::enabled() && key_from_ctx!(ctx.ops).is_some_and(|key| pacing::start(ctx, &key));
     if bypass {
         on_established(ctx, active, paced);
     }
-}
-
-/// Checked before a connection's key is read: every connection passes through here several
-/// times, and on a node without QoS policies none of them needs it for pacing.
-#[inline(always)]
-fn pacing_on() -> bool {
-    config_flags() & SOCKOPS_F_PACING != 0
 }
 
 fn on_connect(ctx: &SockOpsContext) {
