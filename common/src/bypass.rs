@@ -38,8 +38,9 @@ pub const IDLE_PROBE_EVERY: u32 = 4;
 /// streams of tiny messages from a writer with Nagle's algorithm on (Nagle holds them back
 /// until an ACK and sends dozens as one segment and one wakeup), on streams of large ones
 /// (the writer waits for the reader's lock while the reader copies, where TCP queues to the
-/// socket backlog and pipelines), and over loopback at every size. A TCP_NODELAY writer's
-/// small writes leave one segment each, so the redirect carries them better at every size.
+/// socket backlog and pipelines), and over loopback at every size for a writer with Nagle's
+/// algorithm on. A TCP_NODELAY writer's writes leave one segment each, so the redirect
+/// carries them better at every size below the large bound, over loopback too.
 /// Request/response stays: each answer starts a new window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamPolicy {
@@ -55,7 +56,7 @@ pub struct StreamPolicy {
     pub large_bytes_nodelay: u32,
     /// Messages per window.
     pub streak: u32,
-    /// Every loopback stream moves to TCP.
+    /// Every loopback stream from a writer with Nagle's algorithm on moves to TCP.
     pub loopback: bool,
 }
 
@@ -92,7 +93,7 @@ impl StreamPolicy {
         };
         if !nodelay && bytes < self.small_bytes as u64 * msgs {
             Some(StreamKind::Small)
-        } else if self.loopback && loopback {
+        } else if self.loopback && loopback && !nodelay {
             Some(StreamKind::Loopback)
         } else if large != 0 && bytes >= large as u64 * msgs {
             Some(StreamKind::Large)
@@ -248,6 +249,11 @@ mod tests {
         assert_eq!(judge(32768, false), Some(Large));
         assert_eq!(judge(4096, true), Some(Loopback));
         assert_eq!(judge(1 << 20, true), Some(Loopback));
+        // A TCP_NODELAY writer over loopback gets the bounds of any other path.
+        let nodelay_lo = |size: u32| POLICY.judge(32, size * 32, true, true);
+        assert_eq!(nodelay_lo(64), None);
+        assert_eq!(nodelay_lo(4096), None);
+        assert_eq!(nodelay_lo(8192), Some(Large));
         // A saturated byte count is a large stream, not an overflow.
         assert_eq!(POLICY.judge(32, u32::MAX, false, false), Some(Large));
         // One write split into pieces of several sizes still averages out large.

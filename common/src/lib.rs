@@ -81,7 +81,8 @@ pub const SOCKOPS_F_BYPASS: u32 = 1;
 pub const SOCKOPS_F_CGROUP_ORIGIN: u32 = 2;
 /// Pace TCP sockets of shaped pods (`SO_MAX_PACING_RATE`) from the QoS rate tables.
 pub const SOCKOPS_F_PACING: u32 = 4;
-/// Over loopback, every full window of unanswered messages moves to TCP, whatever its sizes.
+/// Over loopback, every full window of unanswered messages from a writer with Nagle's
+/// algorithm on moves to TCP, whatever its sizes.
 pub const SOCKOPS_F_LOOPBACK_STREAMS_TCP: u32 = 8;
 
 #[cfg(feature = "user")]

@@ -3,7 +3,8 @@
 //! 256 KiB at a time, or `--read-size N`; `--nagle` leaves Nagle's algorithm on), pod to pod,
 //! without the agent ("base") and with one or more agent binaries (variants of the datapath),
 //! in an order rotated every repetition. `--pin` keeps the client and the servers on two
-//! CPUs, as the bench's connect step does.
+//! CPUs, as the bench's connect step does. `--loopback` runs the client in the servers' pod,
+//! over 127.0.0.1.
 //!
 //! ```sh
 //! cargo build --release -p quicklane --examples --ignore-rust-version
@@ -52,6 +53,8 @@ struct Args {
     /// the scheduler's placement of the two ends is one source of run-to-run spread.
     pin: Option<[usize; 2]>,
     bpf_stats: bool,
+    /// The client runs in the servers' pod and connects to 127.0.0.1 (a sidecar's hop).
+    loopback: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -71,6 +74,7 @@ fn parse_args() -> Result<Args> {
         nagle: false,
         pin: None,
         bpf_stats: false,
+        loopback: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -83,6 +87,7 @@ fn parse_args() -> Result<Args> {
             "--read-size" => args.read_size = Some(val()?.parse()?),
             "--nagle" => args.nagle = true,
             "--bpf-stats" => args.bpf_stats = true,
+            "--loopback" => args.loopback = true,
             "--pin" => {
                 args.pin = Some(quicklane_bench::two_cpus().context("--pin needs two CPUs")?);
             }
@@ -203,7 +208,11 @@ struct Measured {
 
 /// The test's figure, and the CPU time the node's cgroup (both pods) used per unit of work.
 fn run_test(node: &Node, args: &Args, test: &str) -> Result<(Measured, f64)> {
-    let peer = node.pod(1).ipv4();
+    let (client_pod, peer) = if args.loopback {
+        (1, std::net::Ipv4Addr::LOCALHOST)
+    } else {
+        (0, node.pod(1).ipv4())
+    };
     let (port, extra): (u16, Vec<String>) = match test {
         "connect" => (CONNECT_PORT, vec!["--conns".into(), args.conns.to_string()]),
         "rr" => (RR_PORT, vec!["--msg-size".into(), "64".into()]),
@@ -225,7 +234,7 @@ fn run_test(node: &Node, args: &Args, test: &str) -> Result<(Measured, f64)> {
     let mode = if test == "stream" { "stream" } else { test };
     let cpu_before = cgroup_usage_us(node)?;
     let out = node
-        .pod(0)
+        .pod(client_pod)
         .command(&args.loadgen)
         .args(["loadgen", "client", "--mode", mode, "--connect"])
         .arg(format!("{peer}:{port}"))

@@ -165,15 +165,15 @@ fn loopback_inside_one_pod_is_bypassed() {
         );
         assert_eq!(delta("conn_locked_tcp"), 0, "{host}: {after:#}");
 
-        // A stream over loopback moves to TCP after its streak, byte-exact, and its writer
-        // leaves the sockhash.
+        // A stream over loopback from a writer with Nagle's algorithm on moves to TCP after
+        // its streak, byte-exact, and its writer leaves the sockhash.
         let before = status(&node);
         let sent = assert_stream_ok(&client(
             a,
             &format!("{host}:6302"),
             "stream",
             1,
-            &["--msg-size", "16384"],
+            &["--msg-size", "16384", "--no-nodelay"],
         ));
         let after = status(&node);
         let delta =
@@ -192,6 +192,26 @@ fn loopback_inside_one_pod_is_bypassed() {
             counter(&status(&node), "sockops", "sockhash_left")
                 > counter(&before, "sockops", "sockhash_left")
         });
+
+        // A TCP_NODELAY writer's TCP over `lo` sends one segment per write, which the
+        // redirect beats below the large bound: its stream stays, every message redirected.
+        let before = status(&node);
+        let report = client(
+            a,
+            &format!("{host}:6302"),
+            "stream",
+            1,
+            &["--msg-size", "1024"],
+        );
+        assert_stream_ok(&report);
+        let after = status(&node);
+        let delta =
+            |name: &str| counter(&after, "sockops", name) - counter(&before, "sockops", name);
+        assert_eq!(delta("conn_locked_tcp"), 0, "{host}: {after:#}");
+        assert!(
+            delta("msg_redirected") >= report["msgs"].as_u64().unwrap(),
+            "{host}: every message of the TCP_NODELAY stream was redirected: {report:#}"
+        );
     }
     finish(node, agent);
 }

@@ -116,8 +116,9 @@ pub struct BypassConfig {
     /// its writes at once and keeps up with the redirect from smaller sizes on (0: the same
     /// bound).
     pub large_msg_bytes_nodelay: u32,
-    /// Every unanswered window over loopback moves to TCP (TCP over `lo` beats the redirect
-    /// for streams at every size).
+    /// Every unanswered window over loopback from a writer with Nagle's algorithm on moves to
+    /// TCP (its TCP over `lo` batches writes into 64 KiB segments and beats the redirect at
+    /// every size; a TCP_NODELAY writer's does not, and gets the other bounds instead).
     pub loopback_streams_tcp: bool,
     /// Messages per window (README, "Streams, small and large").
     pub stream_streak: u32,

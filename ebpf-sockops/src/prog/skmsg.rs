@@ -177,8 +177,9 @@ fn stream_for_tcp(
     if meta.unanswered < policy.streak {
         return None;
     }
-    // Read once per window, not per message, and only where a bound depends on it.
-    let nodelay = (policy.small_bytes != 0 || policy.large_bytes_nodelay != 0) && nagle_off(ctx);
+    // Read once per window, not per message: every rule but the large bound of a writer
+    // with Nagle's algorithm on depends on it.
+    let nodelay = nagle_off(ctx);
     let kind = policy.judge(
         meta.unanswered,
         meta.unanswered_bytes,
